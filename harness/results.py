@@ -1,0 +1,192 @@
+"""Versioned, append-only result rows (JSON Lines) and a pandas loader.
+
+Layout: ``<results-dir>/v<SCHEMA_VERSION>/<run_id>.jsonl``, one JSON object per
+metric. Each row is written, flushed and fsync'ed as soon as it is computed,
+so a crash or a kill loses none of the rows already written. Rows also carry
+``schema_version``; `load_results` upgrades older schemas when they exist.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import subprocess
+import uuid
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from harness.errors import HarnessError
+
+SCHEMA_VERSION = 1
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Metric:
+    """What a task yields: one number with its meaning. The runner adds provenance."""
+
+    metric: str
+    value: float
+    higher_is_better: bool | None
+    subtask: str = ""
+    n: int | None = None
+    stderr: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. CI bounds, per-step index, units
+
+
+@dataclass
+class ResultRow:
+    model: str
+    weights: str
+    weights_sha256: str
+    task: str
+    task_version: str
+    subtask: str
+    metric: str
+    value: float
+    n: int | None
+    stderr: float | None
+    higher_is_better: bool | None
+    config: dict[str, Any]
+    seed: int
+    run_id: str
+    created_at: str
+    git_sha: str
+    git_dirty: bool
+    harness_version: str
+    torch_version: str
+    transformers_version: str
+    device: str
+    wall_seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+
+def new_run_id() -> str:
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return f"{stamp}-{uuid.uuid4().hex[:6]}"
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@lru_cache(maxsize=1)
+def provenance() -> dict[str, Any]:
+    """Versions and git state, computed once per process."""
+    import torch
+    import transformers
+
+    from harness import __version__
+
+    sha, dirty = _git_state()
+    return {
+        "git_sha": sha,
+        "git_dirty": dirty,
+        "harness_version": __version__,
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "python_version": platform.python_version(),
+    }
+
+
+def _git_state() -> tuple[str, bool]:
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    try:
+        sha = git("rev-parse", "HEAD") or "unknown"
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", False
+    return sha, dirty
+
+
+class ResultStore:
+    """Appends rows of one run to ``<dir>/v<schema>/<run_id>.jsonl``."""
+
+    def __init__(self, results_dir: str | Path, run_id: str | None = None) -> None:
+        self.run_id = run_id or new_run_id()
+        self.path = Path(results_dir) / f"v{SCHEMA_VERSION}" / f"{self.run_id}.jsonl"
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise HarnessError(f"cannot create results dir '{self.path.parent}': {e.strerror}") from e
+        self.rows: list[ResultRow] = []
+
+    def append(self, row: ResultRow) -> None:
+        line = json.dumps(_jsonable(asdict(row)), sort_keys=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.rows.append(row)
+
+
+def _jsonable(obj: Any) -> Any:
+    """JSON has no NaN/inf: store them as strings so that files stay strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _upgrade(row: dict[str, Any]) -> dict[str, Any]:
+    """Bring a row of any earlier schema up to the current one (schema 1 is the first)."""
+    row.setdefault("schema_version", 1)
+    row.setdefault("extra", {})
+    for key in ("value", "stderr"):
+        if isinstance(row.get(key), str):
+            row[key] = float(row[key])
+    return row
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(_upgrade(json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise HarnessError(f"{path}:{lineno}: not a JSON object ({e.msg})") from e
+    return rows
+
+
+def result_files(location: str | Path) -> list[Path]:
+    p = Path(location)
+    if p.is_file():
+        return [p]
+    if not p.is_dir():
+        raise HarnessError(f"results location '{p}' does not exist")
+    return sorted(p.glob("v*/*.jsonl")) + sorted(p.glob("*.jsonl"))
+
+
+def load_results(*locations: str | Path) -> pd.DataFrame:
+    """All rows under the given results dirs (or files) as one DataFrame, oldest first."""
+    rows = [row for loc in locations for f in result_files(loc) for row in read_jsonl(f)]
+    df = pd.DataFrame(rows)
+    if not df.empty:
+        df = df.sort_values("created_at", kind="stable").reset_index(drop=True)
+    return df
+
+
+def latest(df: pd.DataFrame, keys: tuple[str, ...] = ("model", "weights", "task", "subtask", "metric")) -> pd.DataFrame:
+    """The newest row for each key (by created_at, then file order)."""
+    if df.empty:
+        return df
+    return df.groupby(list(keys), sort=True, dropna=False).tail(1).reset_index(drop=True)

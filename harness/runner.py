@@ -1,0 +1,151 @@
+"""`harness run`: every model on every task, one result row per metric, written as it is computed.
+
+The chain: resolve names -> build task configs -> for each model: load weights (shared with its
+reference) -> build adapter -> for each task: run -> write rows. A failing task is reported and the
+run goes on; rows already written are never lost.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from harness.adapter import ModelAdapter, ModelSpec
+from harness.errors import HarnessError
+from harness.registry import MODELS, TASKS, load_plugins
+from harness.results import Metric, ResultRow, ResultStore, now_iso, provenance
+from harness.weights import Weights, load_weights
+from tasks.base import RunContext, Task, make_config
+
+
+@dataclass
+class RunPlan:
+    models: list[str]
+    tasks: list[str]
+    weights: str | None = None  # None: each architecture's default weights
+    limit: int | None = None
+    seed: int = 0
+    device: str = "cpu"
+    results_dir: str = "results"
+    overrides: dict[str, dict[str, str]] = field(default_factory=dict)  # task -> key -> raw value
+
+
+@dataclass
+class Failure:
+    model: str
+    task: str
+    message: str
+
+
+class ModelPool:
+    """Builds adapters on demand; weights are loaded once per (architecture, --weights)."""
+
+    def __init__(self, plan: RunPlan) -> None:
+        self.plan = plan
+        self._weights: dict[tuple[str, str | None], Weights] = {}
+        self._models: dict[str, ModelAdapter] = {}
+
+    def weights(self, spec: ModelSpec) -> Weights:
+        key = (spec.arch.name, self.plan.weights)
+        if key not in self._weights:
+            self._weights[key] = load_weights(spec.arch, self.plan.weights, self.plan.seed)
+        return self._weights[key]
+
+    def get(self, name: str) -> ModelAdapter:
+        if name not in self._models:
+            spec: ModelSpec = MODELS.get(name)
+            torch.manual_seed(self.plan.seed)  # heads absent from a checkpoint get a seeded init
+            self._models[name] = spec.build(self.weights(spec), self.plan.device)
+        return self._models[name]
+
+    def reference(self, model: ModelAdapter) -> ModelAdapter | None:
+        return self.get(model.info.reference) if model.info.reference else None
+
+    def release(self, keep: set[str]) -> None:
+        for name in [n for n in self._models if n not in keep]:
+            del self._models[name]
+
+
+def validate(plan: RunPlan) -> dict[str, Task]:
+    """Check every name before any work starts; return the configured tasks."""
+    load_plugins()
+    if not plan.models or not plan.tasks:
+        raise HarnessError("give at least one model (--model) and one task (--tasks)")
+    for name in plan.models:
+        MODELS.entry(name)
+    for name in plan.overrides:
+        TASKS.entry(name)
+    if plan.device.startswith("cuda") and not torch.cuda.is_available():
+        raise HarnessError("--device cuda: no CUDA device is available here; use --device cpu")
+    return {name: TASKS.get(name)(make_config(TASKS.get(name), plan.overrides.get(name, {}))) for name in plan.tasks}
+
+
+def run(plan: RunPlan, console: Console | None = None) -> tuple[ResultStore, list[Failure]]:
+    console = console or Console(stderr=True)
+    tasks = validate(plan)
+    store = ResultStore(plan.results_dir)
+    pool = ModelPool(plan)
+    failures: list[Failure] = []
+    with _progress(console) as progress:
+        overall = progress.add_task("models x tasks", total=len(plan.models) * len(tasks))
+        for model_name in plan.models:
+            for task in tasks.values():
+                failure = _run_one(pool, model_name, task, plan, store, progress)
+                if failure:
+                    failures.append(failure)
+                    console.print(f"[red]x[/red] {failure.model} / {failure.task}: {failure.message}")
+                progress.advance(overall)
+            pool.release(keep=set())
+    return store, failures
+
+
+def _run_one(pool: ModelPool, model_name: str, task: Task, plan: RunPlan, store: ResultStore, progress: Progress):
+    """Run one task on one model, appending each row the moment its metric is computed."""
+    start = time.perf_counter()
+    try:
+        model = pool.get(model_name)
+        task.check(model)
+        ctx = RunContext(plan.seed, plan.limit, plan.device, pool.reference, _tracker(progress), plan.results_dir)
+        torch.manual_seed(plan.seed)
+        for metric in task.run(model, ctx):
+            store.append(make_row(model, task, metric, plan, store.run_id, time.perf_counter() - start))
+    except HarnessError as e:
+        return Failure(model_name, task.name, str(e))
+    return None
+
+
+def make_row(model: ModelAdapter, task: Task, m: Metric, plan: RunPlan, run_id: str, wall: float) -> ResultRow:
+    prov = provenance()
+    return ResultRow(
+        model=model.name, weights=model.weights.identity, weights_sha256=model.weights.sha256,
+        task=task.name, task_version=task.version, subtask=m.subtask, metric=m.metric, value=m.value,
+        n=m.n, stderr=m.stderr, higher_is_better=m.higher_is_better, config=_config_dict(task, plan),
+        seed=plan.seed, run_id=run_id, created_at=now_iso(), git_sha=prov["git_sha"], git_dirty=prov["git_dirty"],
+        harness_version=prov["harness_version"], torch_version=prov["torch_version"],
+        transformers_version=prov["transformers_version"], device=str(model.device), wall_seconds=round(wall, 3),
+        extra=m.extra,
+    )
+
+
+def _config_dict(task: Task, plan: RunPlan) -> dict[str, Any]:
+    return {**asdict(task.config), "limit": plan.limit}
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
+    )
+
+
+def _tracker(progress: Progress):
+    def track(iterable: Iterable, total: int | None = None, description: str = "working"):
+        return progress.track(iterable, total=total, description=description)
+
+    return track

@@ -1,0 +1,114 @@
+"""Task `parity`: same weights, same inputs -> same outputs, for a scratch model and its reference.
+
+Metrics (fp32, CPU):
+- `max_abs_logit_diff`: max |logits_scratch - logits_ref| over a seeded batch of random token ids;
+- `greedy_tokens_equal`: 1.0 if `parity.new_tokens` greedy tokens from `parity.prompt` are identical;
+- `max_abs_grad_diff`: max |grad_scratch - grad_ref| over every parameter (compared in the
+  reference's names and layouts) after one backward pass of the next-token cross-entropy;
+- `max_abs_hidden_diff`: for encoders, max |last hidden state difference| on a padded batch.
+Each must be <= its threshold (1e-5 for fp32 differences) for the pair to count as equal.
+A reference model has nothing to be compared with and yields no rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from harness.adapter import Capability, ModelAdapter
+from harness.errors import HarnessError
+from harness.registry import TASKS
+from harness.results import Metric
+from tasks.base import MetricSpec, RunContext, Task
+
+
+@dataclass(frozen=True)
+class ParityConfig:
+    prompt: str = "The meaning of life is"
+    new_tokens: int = 20  # greedy tokens compared
+    batch_size: int = 2  # random sequences for the logit and gradient comparison
+    seq_len: int = 64  # their length (capped at the model's maximum)
+    atol: float = 1e-5  # threshold for the fp32 difference metrics
+
+
+class Parity(Task):
+    name = "parity"
+    version = "1.0"
+    description = "scratch vs reference on identical weights: max |logit diff|, greedy tokens, max |grad diff|"
+    config_class = ParityConfig
+    needs = frozenset({Capability.LOGITS})
+    metrics = {
+        "max_abs_logit_diff": MetricSpec(higher_is_better=False, threshold=1e-5, gate_atol=1e-5),
+        "greedy_tokens_equal": MetricSpec(higher_is_better=True, threshold=None),
+        "max_abs_grad_diff": MetricSpec(higher_is_better=False, threshold=1e-5, gate_atol=1e-5),
+        "max_abs_hidden_diff": MetricSpec(higher_is_better=False, threshold=1e-5, gate_atol=1e-5),
+    }
+
+    def run(self, model: ModelAdapter, ctx: RunContext) -> Iterator[Metric]:
+        reference = ctx.reference(model)
+        if reference is None:
+            return
+        inputs = self.random_inputs(model, ctx.seed)
+        extra = {"atol": self.config.atol, "reference": reference.name}
+        if hasattr(model, "hidden_states"):
+            yield self.metric("max_abs_hidden_diff", hidden_diff(model, reference, inputs), n=inputs.numel(), extra=extra)
+        yield self.metric("max_abs_logit_diff", logit_diff(model, reference, inputs), n=inputs.numel(), extra=extra)
+        yield self.metric("max_abs_grad_diff", grad_diff(model, reference, inputs), n=inputs.numel(), extra=extra)
+        if Capability.GENERATE in model.capabilities and Capability.GENERATE in reference.capabilities:
+            yield self.greedy(model, reference)
+
+    def random_inputs(self, model: ModelAdapter, seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        length = min(self.config.seq_len, model.max_length)
+        return torch.randint(0, model.tokenizer.vocab_size, (self.config.batch_size, length), generator=g)
+
+    def greedy(self, model: ModelAdapter, reference: ModelAdapter) -> Metric:
+        prompt = model.tokenizer.encode(self.config.prompt)
+        n = min(self.config.new_tokens, model.max_length - len(prompt))
+        ours = model.generate(prompt, n, temperature=0.0)
+        theirs = reference.generate(prompt, n, temperature=0.0)
+        extra = {"prompt": self.config.prompt, "scratch_tokens": ours, "reference_tokens": theirs,
+                 "scratch_text": model.tokenizer.decode(ours)}
+        return self.metric("greedy_tokens_equal", float(ours == theirs), n=n, extra=extra)
+
+
+@torch.no_grad()
+def logit_diff(model: ModelAdapter, reference: ModelAdapter, inputs: torch.Tensor) -> float:
+    return (model.logits(inputs).float() - reference.logits(inputs).float()).abs().max().item()
+
+
+@torch.no_grad()
+def hidden_diff(model: ModelAdapter, reference: ModelAdapter, inputs: torch.Tensor) -> float:
+    mask = torch.ones_like(inputs)
+    mask[0, inputs.shape[1] // 2 :] = 0  # a padded row, so the attention mask is exercised too
+    ours, theirs = model.hidden_states(inputs, mask), reference.hidden_states(inputs, mask)
+    keep = mask.bool().to(ours.device)
+    return (ours[keep].float() - theirs[keep].float()).abs().max().item()
+
+
+def grad_diff(model: ModelAdapter, reference: ModelAdapter, inputs: torch.Tensor) -> float:
+    ours = reference_grads(model, inputs)
+    theirs = reference_grads(reference, inputs)
+    missing = sorted(set(theirs) - set(ours))
+    if missing:
+        raise HarnessError(f"parity: {model.name} has no gradient for reference parameters {missing[:6]}")
+    return max((ours[k].float() - theirs[k].float()).abs().max().item() for k in theirs)
+
+
+def reference_grads(model: ModelAdapter, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Gradients of the mean next-token cross-entropy, keyed by the reference's parameter names."""
+    module = model.module
+    module.zero_grad(set_to_none=True)
+    with torch.enable_grad():
+        logits = model.logits(inputs)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), inputs[:, 1:].flatten().to(logits.device))
+        loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
+    module.zero_grad(set_to_none=True)
+    return model.reference_layout(grads)
+
+
+TASKS.add(Parity.name, Parity.description, Parity)

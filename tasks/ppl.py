@@ -1,0 +1,194 @@
+"""Task `ppl`: perplexity on WikiText-2 (raw, test), scored exactly as lm-eval's `wikitext` task.
+
+Definition (lm-evaluation-harness, task `wikitext` v2.0):
+- documents are the 62 articles of the raw test file, split at top-level headings (` = Title = `);
+- the target text is the document after wikitext detokenization (`detokenize` below);
+- rolling log-likelihood over windows of the model's maximum length; the first token is conditioned
+  on the end-of-text token; later windows are disjoint in what they score but always see a full
+  window of context (so the last window overlaps);
+- word count `len(re.split(r"\\s+", original_doc))` and byte count `len(original_doc.encode())` use
+  the document before detokenization.
+Aggregates are weighted by counts over all documents:
+  word_perplexity = exp(-sum LL / sum words),  byte_perplexity = exp(-sum LL / sum bytes),
+  bits_per_byte = -sum LL / sum bytes / ln 2,  token_perplexity = exp(-sum LL / sum tokens).
+
+`ppl.stride` < max length switches to overlapping sliding windows (each scored token then has at
+least max_length - stride tokens of context), as in the transformers perplexity guide.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from harness.adapter import Capability, ModelAdapter
+from harness.errors import HarnessError
+from harness.registry import TASKS
+from harness.results import Metric
+from tasks.base import MetricSpec, RunContext, Task
+
+DATA_DIR = Path(__file__).resolve().parent / "data" / "wikitext-2-raw"
+HEADING = re.compile(r" = [^=].* = ")
+
+
+@dataclass(frozen=True)
+class PplConfig:
+    split: Literal["test", "valid"] = "test"  # WikiText-2 raw split (the train split is not vendored)
+    max_length: int | None = None  # window length in tokens; default: the model's maximum
+    stride: int | None = None  # tokens scored per window after the first; default: max_length (disjoint)
+    file: str | None = None  # score this UTF-8 text file as one document (no detokenization)
+    batch_size: int = 4  # windows per forward pass
+
+
+@dataclass(frozen=True)
+class Document:
+    original: str  # as in the file: counts words and bytes
+    target: str  # what the model scores
+
+
+def load_wikitext_documents(split: str = "test") -> list[str]:
+    """The raw file cut into articles: each is the exact text from one top-level heading to the next."""
+    path = DATA_DIR / f"wiki.{split}.raw"
+    lines = _read_text(path).split("\n")
+    starts = [i for i, line in enumerate(lines) if HEADING.fullmatch(line)]
+    if not starts:
+        raise HarnessError(f"{path}: no top-level headings (' = Title = ') found; is this WikiText raw?")
+    bounds = [*starts, len(lines)]
+    return ["\n".join(lines[a:b]) for a, b in zip(bounds, bounds[1:])]
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError as e:
+        raise HarnessError(f"data file '{path}' not found") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise HarnessError(f"cannot read '{path}' as UTF-8 text: {e}") from e
+
+
+# (pattern, replacement, is_regex) in the order lm-eval applies them.
+_DETOKENIZE_RULES: list[tuple[str, str, bool]] = [
+    ("s '", "s'", False),
+    (r"/' [0-9]/", r"/'[0-9]/", True),
+    (" @-@ ", "-", False),
+    (" @,@ ", ",", False),
+    (" @.@ ", ".", False),
+    *[(f" {p} ", f"{p} ", False) for p in (":", ";", ".", "!", "?", ",")],
+    (r"\(\s*([^\)]*?)\s*\)", r"(\1)", True),
+    (r"\[\s*([^\]]*?)\s*\]", r"[\1]", True),
+    (r"{\s*([^}]*?)\s*}", r"{\1}", True),
+    (r"\"\s*([^\"]*?)\s*\"", r'"\1"', True),
+    (r"'\s*([^']*?)\s*'", r"'\1'", True),
+    ("= = = =", "====", False),
+    ("= = =", "===", False),
+    ("= =", "==", False),
+    (" \N{DEGREE SIGN} ", "\N{DEGREE SIGN}", False),
+    (" \n", "\n", False),
+    ("\n ", "\n", False),
+    (" N ", " 1 ", False),
+    (" 's", "'s", False),
+]
+
+
+def detokenize(text: str) -> str:
+    """Undo WikiText's tokenization (` @-@ `, spaced punctuation, ...), as lm-eval's wikitext task does."""
+    for pattern, repl, is_regex in _DETOKENIZE_RULES:
+        text = re.sub(pattern, repl, text) if is_regex else text.replace(pattern, repl)
+    return text
+
+
+def rolling_windows(tokens: list[int], eot_id: int, max_length: int, stride: int) -> list[tuple[list[int], int]]:
+    """Windows (ids, n_scored): ids[:-1] is the model input and ids[1:] its next-token targets, at
+    most max_length of each; only the last n_scored targets are counted. Every token of `tokens`
+    is counted exactly once."""
+    seq = [eot_id, *tokens]  # seq[i] predicts seq[i + 1] = tokens[i]
+    windows, start = [], 0
+    end = min(len(tokens), max_length)
+    while start < len(tokens):
+        lo = max(0, end - max_length)
+        windows.append((seq[lo : end + 1], end - start))
+        start, end = end, min(len(tokens), end + stride)
+    return windows
+
+
+class Perplexity(Task):
+    name = "ppl"
+    version = "1.0"
+    description = "WikiText-2 raw test perplexity (word/byte/token, bits per byte), defined as lm-eval's wikitext"
+    config_class = PplConfig
+    needs = frozenset({Capability.SCORE})
+    metrics = {
+        m: MetricSpec(higher_is_better=False, pair_rtol=1e-5, gate_rtol=1e-3)
+        for m in ("word_perplexity", "byte_perplexity", "bits_per_byte", "token_perplexity")
+    }
+
+    def documents(self, limit: int | None) -> list[Document]:
+        if self.config.file:
+            text = _read_text(Path(self.config.file))
+            docs = [Document(text, text)]
+        else:
+            docs = [Document(d, detokenize(d)) for d in load_wikitext_documents(self.config.split)]
+        docs = docs[:limit] if limit else docs
+        if not docs or not any(d.target.strip() for d in docs):
+            raise HarnessError("ppl: the document set is empty (check ppl.file / --limit)")
+        return docs
+
+    def run(self, model: ModelAdapter, ctx: RunContext) -> Iterator[Metric]:
+        docs = self.documents(ctx.limit)
+        max_length = self.config.max_length or model.max_length
+        if max_length > model.max_length:
+            raise HarnessError(f"ppl.max_length={max_length} exceeds {model.name}'s maximum {model.max_length}")
+        stride = self.config.stride or max_length
+        if not 0 < stride <= max_length:
+            raise HarnessError(f"ppl.stride={stride} must be between 1 and ppl.max_length={max_length}")
+        token_lists = model.tokenizer.encode_batch([d.target for d in docs])
+        loglik = score_documents(model, token_lists, max_length, stride, self.config.batch_size, ctx)
+        yield from self.aggregate(docs, token_lists, loglik)
+
+    def aggregate(self, docs: list[Document], token_lists: list[list[int]], loglik: list[float]) -> Iterator[Metric]:
+        ll = sum(loglik)
+        words = sum(len(re.split(r"\s+", d.original)) for d in docs)
+        nbytes = sum(len(d.original.encode("utf-8")) for d in docs)
+        tokens = sum(len(t) for t in token_lists)
+        counts = {"documents": len(docs), "words": words, "bytes": nbytes, "tokens": tokens, "loglikelihood": ll}
+        yield self.metric("word_perplexity", math.exp(-ll / words), n=len(docs), extra=counts)
+        yield self.metric("byte_perplexity", math.exp(-ll / nbytes), n=len(docs), extra=counts)
+        yield self.metric("bits_per_byte", -ll / nbytes / math.log(2), n=len(docs), extra=counts)
+        yield self.metric("token_perplexity", math.exp(-ll / tokens), n=len(docs), extra=counts)
+
+
+def score_documents(
+    model: ModelAdapter, token_lists: list[list[int]], max_length: int, stride: int, batch_size: int, ctx: RunContext
+) -> list[float]:
+    """Sum of log-likelihoods per document; windows of all documents are batched together."""
+    work = [
+        (doc, ids, n)
+        for doc, tokens in enumerate(token_lists)
+        for ids, n in rolling_windows(tokens, model.tokenizer.eot_id, max_length, stride)
+    ]
+    work.sort(key=lambda w: -len(w[1]))  # similar lengths together: little padding
+    totals = [0.0] * len(token_lists)
+    batches = [work[i : i + batch_size] for i in range(0, len(work), batch_size)]
+    for batch in ctx.track(batches, total=len(batches), description=f"ppl {model.name}"):
+        for (doc, _, _), ll in zip(batch, _score_batch(model, batch)):
+            totals[doc] += ll
+    return totals
+
+
+def _score_batch(model: ModelAdapter, batch: list[tuple[int, list[int], int]]) -> list[float]:
+    width = max(len(ids) for _, ids, _ in batch)
+    padded = torch.full((len(batch), width), model.tokenizer.pad_id, dtype=torch.long)
+    for row, (_, ids, _) in enumerate(batch):
+        padded[row, : len(ids)] = torch.tensor(ids)
+    logprobs = model.token_logprobs(padded[:, :-1], padded[:, 1:])  # (B, width - 1)
+    # row r has len(ids) - 1 real predictions; the last n of them are the ones this window scores
+    return [float(logprobs[r, len(ids) - 1 - n : len(ids) - 1].double().sum()) for r, (_, ids, n) in enumerate(batch)]
+
+
+TASKS.add(Perplexity.name, Perplexity.description, Perplexity)
