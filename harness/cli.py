@@ -86,7 +86,7 @@ def _add_gate(sub) -> None:
 
 
 # Modules that add their own subcommand with `add_parser(subparsers)`, to keep this file short.
-_EXTRA_COMMANDS: list[str] = []
+_EXTRA_COMMANDS: list[str] = ["harness.train", "harness.generate"]
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -91,6 +91,8 @@ def run(plan: RunPlan, console: Console | None = None) -> tuple[ResultStore, lis
     tasks = validate(plan)
     store = ResultStore(plan.results_dir)
     pool = ModelPool(plan)
+    for name in plan.models:  # bad --weights fail here, before any work, as a one-line error
+        pool.weights(MODELS.get(name))
     failures: list[Failure] = []
     with _progress(console) as progress:
         overall = progress.add_task("models x tasks", total=len(plan.models) * len(tasks))

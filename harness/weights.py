@@ -15,6 +15,7 @@ computed from bit-identical weights.
 from __future__ import annotations
 
 import hashlib
+from contextlib import contextmanager
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +58,8 @@ def load_weights(arch: ArchSpec, spec: str | None, seed: int) -> Weights:
         return _pretrained_weights(arch, str(arch.aliases[spec]()), identity=spec)
     if Path(spec).is_dir():
         return _pretrained_weights(arch, spec, identity=spec)
-    if Path(spec).exists() or spec.count("/") != 1:
+    looks_like_path = spec.startswith(("/", ".", "~")) or Path(spec).exists()
+    if looks_like_path or spec.count("/") != 1:
         known = ", ".join(["random[:SIZE]", *arch.aliases])
         raise HarnessError(
             f"weights '{spec}' for {arch.name}: not a checkpoint directory, hub id (owner/name) or alias ({known})"
@@ -78,8 +80,11 @@ def _random_weights(arch: ArchSpec, size: str, seed: int) -> Weights:
 
 def _pretrained_weights(arch: ArchSpec, where: str, identity: str) -> Weights:
     try:
-        model, info = arch.hf_model_class.from_pretrained(where, output_loading_info=True)
-    except (OSError, ValueError) as e:
+        with _quiet_transformers():  # mismatches are reported below, in one line, instead of a log table
+            model, info = arch.hf_model_class.from_pretrained(
+                where, output_loading_info=True, ignore_mismatched_sizes=True
+            )
+    except (OSError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise HarnessError(f"cannot load {arch.name} weights '{where}': {first}") from e
     _check_loading_info(where, info)
@@ -89,10 +94,28 @@ def _pretrained_weights(arch: ArchSpec, where: str, identity: str) -> Weights:
     return Weights(identity, tensor_sha256(state), model.config, state, tokenizer, local)
 
 
+@contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _describe(key) -> str:
+    if isinstance(key, tuple):  # (name, checkpoint shape, model shape)
+        return f"{key[0]} {tuple(key[1])} vs expected {tuple(key[2])}" if len(key) == 3 else str(key)
+    return str(key)
+
+
 def _check_loading_info(where: str, info: dict) -> None:
     problems = []
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
-        keys = sorted(str(k) for k in info.get(kind) or [])
+        keys = sorted(_describe(k) for k in info.get(kind) or [])
         if keys:
             problems.append(f"{kind.replace('_', ' ')}: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}")
     if problems:

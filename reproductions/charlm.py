@@ -99,7 +99,9 @@ class CharLM(nn.Module):
         else:
             idx = prefix.long().expand(num, -1).clone() if prefix.dim() == 1 else prefix.long().clone()
         if not 1 <= idx.shape[1] <= length or idx.shape[0] != num:
-            raise ValueError(f"prefix must be (P,) or ({num}, P) with 1 <= P <= {length}; got {tuple(idx.shape)}")
+            raise ValueError(
+                f"prefix must be (P,) or ({num}, P) with 1 <= P <= {length}; got {tuple(idx.shape)}"
+            )
         while idx.shape[1] < length:
             last = self.logits(idx)[:, -1].float()  # (num, V)
             idx = torch.cat([idx, sample_next(last, temperature, generator=generator)], dim=1)
@@ -122,7 +124,9 @@ class NGramConfig:
         if self.order < 1 or self.add_k < 0:
             raise ValueError(f"NGramConfig needs order >= 1 and add_k >= 0 (got {self.order}, {self.add_k})")
         if self.vocab**self.order > MAX_COUNTS:
-            raise ValueError(f"vocab**order = {self.vocab**self.order} counts exceeds {MAX_COUNTS}; lower order")
+            raise ValueError(
+                f"vocab**order = {self.vocab**self.order} counts exceeds {MAX_COUNTS}; lower order"
+            )
 
 
 class NGramCounts(CharLM):
@@ -132,7 +136,9 @@ class NGramCounts(CharLM):
     def __init__(self, config: NGramConfig) -> None:
         super().__init__()
         self.config, self.vocab = config, config.vocab
-        self.register_buffer("counts", torch.zeros(config.vocab ** (config.order - 1), config.vocab, dtype=torch.float64))
+        self.register_buffer(
+            "counts", torch.zeros(config.vocab ** (config.order - 1), config.vocab, dtype=torch.float64)
+        )
 
     def fit(self, data: torch.Tensor) -> NGramCounts:
         """Add the n-grams of ``data`` ((T,) stream or (B, T) rows; windows never cross rows)."""
@@ -298,13 +304,19 @@ class RNNLM(CharLM):
 
 
 # ---- building and training ----------------------------------------------------------------------
-MODELS: dict[type, type[CharLM]] = {NGramConfig: NGramCounts, NeuralNGramConfig: NeuralNGram, RNNConfig: RNNLM}
+MODELS: dict[type, type[CharLM]] = {
+    NGramConfig: NGramCounts,
+    NeuralNGramConfig: NeuralNGram,
+    RNNConfig: RNNLM,
+}
 
 
 def build_model(config: NGramConfig | NeuralNGramConfig | RNNConfig, seed: int = 0) -> CharLM:
     """The model for ``config``, initialised from ``seed`` without touching the global RNG."""
     if type(config) not in MODELS:
-        raise ValueError(f"no model for {type(config).__name__}; known configs: {[c.__name__ for c in MODELS]}")
+        raise ValueError(
+            f"no model for {type(config).__name__}; known configs: {[c.__name__ for c in MODELS]}"
+        )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return MODELS[type(config)](config)

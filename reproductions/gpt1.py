@@ -165,10 +165,9 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             start = kv_cache.pos
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nh, start+T, hs)
-        mask = causal_mask(T, start, x.device)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
-        )  # (B, nh, T, hs), softmax(q k^T / sqrt(hs)) v
+        mask = causal_mask(T, start, x.device)  # (T, S)
+        p_drop = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p_drop)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 

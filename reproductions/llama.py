@@ -225,9 +225,8 @@ class Attention(nn.Module):
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nkv, start+T, hs)
         groups = self.n_head // self.n_kv_head  # query heads per key/value head
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, nh, S, hs)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=causal_mask(T, start, x.device)
-        )  # (B, nh, T, hs)
+        mask = causal_mask(T, start, x.device)  # (T, S)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, hs)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 

@@ -1,3 +1,3 @@
 """Importing this module registers every task with harness.registry.TASKS."""
 
-from tasks import parity, ppl  # noqa: F401
+from tasks import glue, parity, ppl  # noqa: F401

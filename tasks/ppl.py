@@ -141,10 +141,11 @@ class Perplexity(Task):
 
     def run(self, model: ModelAdapter, ctx: RunContext) -> Iterator[Metric]:
         docs = self.documents(ctx.limit)
-        max_length = self.config.max_length or model.max_length
-        if max_length > model.max_length:
-            raise HarnessError(f"ppl.max_length={max_length} exceeds {model.name}'s maximum {model.max_length}")
-        stride = self.config.stride or max_length
+        max_length = model.max_length if self.config.max_length is None else self.config.max_length
+        if not 0 < max_length <= model.max_length:
+            raise HarnessError(f"ppl.max_length={max_length} exceeds {model.name}'s maximum {model.max_length}"
+                               if max_length > 0 else f"ppl.max_length={max_length} must be positive")
+        stride = max_length if self.config.stride is None else self.config.stride
         if not 0 < stride <= max_length:
             raise HarnessError(f"ppl.stride={stride} must be between 1 and ppl.max_length={max_length}")
         token_lists = model.tokenizer.encode_batch([d.target for d in docs])

@@ -2,15 +2,27 @@
 
 An architecture plugs in with a `CausalArch`: how to build the scratch module
 from reference weights and how to map its tensors back to the reference
-layout. Everything else (scoring, generation, registration) is shared.
+layout. Everything else (scoring, generation, classification, registration) is shared.
+
+Classification (CLASSIFY) is done the GPT-1 way (Radford et al. 2018, "Improving Language
+Understanding by Generative Pre-Training", Section 3.3): the input is
+`start A delim B extract` and a linear layer reads the final hidden state of the extract token.
+GPT-1 learned three new tokens for start/delim/extract; GPT-2 has no spare tokens, so all three
+are the end-of-text token `<|endoftext|>`. Padding goes on the right, so with causal attention
+the padding never changes the extract token's state. Like GPT-1 (Section 4.1) the head has
+dropout 0.1 before it. Not reproduced: the auxiliary language-modelling loss (lambda = 0.5) and,
+for similarity tasks, summing the representations of both orderings of the pair.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import copy
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from transformers import GenerationConfig
 
 from harness.adapter import Capability, ModelAdapter, ModelInfo, ModelSpec
@@ -18,6 +30,89 @@ from harness.registry import MODELS
 from harness.weights import ArchSpec, Weights
 
 LM_CAPABILITIES = frozenset({Capability.SCORE, Capability.LOGITS, Capability.GENERATE, Capability.TRAIN})
+CLASSIFIER_DROPOUT = 0.1  # GPT-1, Section 4.1: "We add dropout to the classifier with a rate of 0.1"
+
+
+def seeded_head_(head: nn.Linear, seed: int, std: float = 0.02) -> nn.Linear:
+    """Fill a classification head from `seed` alone: N(0, std) weights, zero bias. A scratch model
+    and its reference get bit-identical heads, whatever else has used the global RNG."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=g) * std)
+        if head.bias is not None:
+            head.bias.zero_()
+    return head
+
+
+class DecoderClassifier(nn.Module):
+    """A causal LM body plus a linear head on the extract token's final hidden state (GPT-1, 3.3)."""
+
+    def __init__(self, body: nn.Module, final_hidden: Callable, n_embd: int, num_labels: int, seed: int) -> None:
+        super().__init__()
+        self.body = body
+        self.final_hidden = final_hidden  # (body, input_ids, attention_mask) -> (B, T, C)
+        self.dropout = nn.Dropout(CLASSIFIER_DROPOUT)
+        self.head = seeded_head_(nn.Linear(n_embd, num_labels), seed)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.final_hidden(self.body, input_ids, attention_mask)  # (B, T, C)
+        extract = attention_mask.sum(dim=1) - 1  # last real token of each right-padded row
+        return self.head(self.dropout(hidden[torch.arange(hidden.size(0)), extract]))  # (B, num_labels)
+
+
+class DecoderClassification:
+    """CLASSIFY for decoder adapters: pair encoding with <|endoftext|> and a fresh `DecoderClassifier`."""
+
+    def encode_pairs(self, texts_a: list[str], texts_b: list[str] | None, max_len: int) -> dict[str, torch.Tensor]:
+        """`eot A eot B eot` (or `eot A eot`), truncated longest-first to max_len tokens and
+        right-padded: input_ids and attention_mask, each (B, T)."""
+        eot = self.tokenizer.eot_id
+        a_ids = self.tokenizer.encode_batch(list(texts_a))
+        b_ids = self.tokenizer.encode_batch(list(texts_b)) if texts_b is not None else [None] * len(a_ids)
+        rows = [_join_pair(a, b, eot, max_len) for a, b in zip(a_ids, b_ids)]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.tokenizer.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
+        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+
+    def classifier(self, num_labels: int, seed: int) -> nn.Module:
+        """A fresh copy of the LM with a seeded head: `module(**encode_pairs(...))` -> (B, num_labels)."""
+        cfg = self.weights.hf_config
+        n_embd = getattr(cfg, "n_embd", None) or cfg.hidden_size
+        body = copy.deepcopy(self.module).train()
+        return DecoderClassifier(body, self._final_hidden, n_embd, num_labels, seed).to(self.device)
+
+
+def _join_pair(a: list[int], b: list[int] | None, eot: int, max_len: int) -> list[int]:
+    if b is None:
+        return [eot, *a[: max(max_len - 2, 0)], eot]
+    a, b = list(a), list(b)
+    while len(a) + len(b) > max_len - 3 and (a or b):  # longest first, as BERT's tokenizer does
+        (a if len(a) >= len(b) else b).pop()
+    return [eot, *a, eot, *b, eot]
+
+
+@contextmanager
+def _lm_head_as_identity(module: nn.Module) -> Iterator[None]:
+    """Inside, `module(idx)` returns the final hidden states: the input the LM head would read."""
+    head = module.lm_head
+    module.lm_head = nn.Identity()
+    try:
+        yield
+    finally:
+        module.lm_head = head
+
+
+def _scratch_final_hidden(body: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    # Causal attention and right padding: the mask cannot change any real token's state.
+    with _lm_head_as_identity(body):
+        return body(input_ids)
+
+
+def _hf_final_hidden(body: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    return body.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
 @dataclass(frozen=True)
@@ -29,8 +124,14 @@ class CausalArch:
     paper: str
 
 
-class ScratchCausalLM(ModelAdapter):
-    capabilities = LM_CAPABILITIES
+class ScratchCausalLM(DecoderClassification, ModelAdapter):
+    capabilities = LM_CAPABILITIES | {Capability.CLASSIFY}  # CLASSIFY needs an `lm_head` (see __init__)
+    _final_hidden = staticmethod(_scratch_final_hidden)
+
+    def __init__(self, info, module, tokenizer, weights, device) -> None:
+        super().__init__(info, module, tokenizer, weights, device)
+        if not isinstance(getattr(module, "lm_head", None), nn.Module):  # e.g. GPT-1 multiplies by W_e^T
+            self.capabilities = self.capabilities - {Capability.CLASSIFY}
 
     @property
     def max_length(self) -> int:
@@ -48,8 +149,9 @@ class ScratchCausalLM(ModelAdapter):
         return out[0, len(prompt_ids):].tolist()
 
 
-class HFCausalLM(ModelAdapter):
-    capabilities = LM_CAPABILITIES
+class HFCausalLM(DecoderClassification, ModelAdapter):
+    capabilities = LM_CAPABILITIES | {Capability.CLASSIFY}
+    _final_hidden = staticmethod(_hf_final_hidden)
 
     @property
     def max_length(self) -> int:

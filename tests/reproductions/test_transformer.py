@@ -113,9 +113,11 @@ def test_cached_decoding_equals_full_decoding(name):
         full = ours.decode(tgt, memory, src_mask)
         cache = ours.new_cache(src.size(0), tgt.size(1))
         first = ours.decode(tgt[:, :2], memory, src_mask, cache)  # a two-token prefix, then one at a time
+        cross = [layer.cross_k for layer in cache.layers]
         steps = [ours.decode(tgt[:, t : t + 1], memory, src_mask, cache) for t in range(2, tgt.size(1))]
     torch.testing.assert_close(torch.cat([first, *steps], dim=1), full, atol=ATOL, rtol=0)
     assert cache.length == tgt.size(1)
+    assert all(layer.cross_k is k for layer, k in zip(cache.layers, cross))  # projected once, then reused
 
 
 def marian_greedy(hf, src, src_mask, max_new_tokens, eos_id):

@@ -1,0 +1,125 @@
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from harness.errors import HarnessError
+from harness.runner import RunPlan, run
+from tasks.ppl import detokenize, load_wikitext_documents, rolling_windows
+
+
+def test_wikitext_test_splits_into_62_articles():
+    docs = load_wikitext_documents("test")
+    assert len(docs) == 62
+    assert docs[0].startswith(" = Robert Boulter = \n")
+    assert all(re.match(r" = [^=].* = \n", d) for d in docs)
+    raw = (Path(__file__).parents[2] / "tasks/data/wikitext-2-raw/wiki.test.raw").read_text(encoding="utf-8")
+    assert "\n".join(docs) == raw[raw.index(" = Robert"):]  # nothing lost, nothing added
+
+
+def test_detokenizer_matches_lm_eval_on_every_document():
+    lm_eval_wikitext = pytest.importorskip("lm_eval.tasks.wikitext.preprocess_wikitext")
+    for doc in load_wikitext_documents("test"):
+        assert detokenize(doc) == lm_eval_wikitext.wikitext_detokenizer({"page": doc})
+
+
+@pytest.mark.parametrize("n, max_len, stride", [(1, 4, 4), (4, 4, 4), (5, 4, 4), (13, 4, 2), (13, 5, 1), (9, 8, 3)],
+                         ids=lambda v: str(v))
+def test_rolling_windows_score_each_token_once_with_enough_context(n, max_len, stride):
+    tokens = list(range(100, 100 + n))
+    windows = rolling_windows(tokens, eot_id=0, max_length=max_len, stride=stride)
+    scored = [t for ids, k in windows for t in ids[len(ids) - k :]]
+    assert scored == tokens
+    seq = [0, *tokens]
+    for ids, _ in windows:
+        assert 2 <= len(ids) <= max_len + 1
+        start = next(i for i in range(len(seq)) if seq[i : i + len(ids)] == ids)
+        assert start == 0 or len(ids) == max_len + 1  # later windows always see a full window
+    if stride < max_len and len(windows) > 1:
+        assert all(len(ids) - 1 - k >= max_len - stride for ids, k in windows[1:])
+
+
+def _ppl_rows(results_dir, **kw):
+    store, failures = run(RunPlan(models=["gpt2-hf"], tasks=["ppl"], weights="random:tiny", seed=0,
+                                  results_dir=str(results_dir), **kw))
+    assert not failures, failures
+    return {r.metric: r for r in store.rows}
+
+
+def test_scratch_and_reference_perplexities_are_identical(tiny_run):
+    by = {(r.model, r.metric): r.value for r in tiny_run.rows if r.task == "ppl"}
+    for metric in ("word_perplexity", "byte_perplexity", "bits_per_byte", "token_perplexity"):
+        assert math.isclose(by["gpt2-scratch", metric], by["gpt2-hf", metric], rel_tol=1e-5, abs_tol=0)
+
+
+def test_sliding_window_stride_changes_the_score(tmp_path):
+    disjoint = _ppl_rows(tmp_path, limit=1)
+    sliding = _ppl_rows(tmp_path, limit=1, overrides={"ppl": {"stride": "16"}})
+    assert disjoint["token_perplexity"].extra["tokens"] == sliding["token_perplexity"].extra["tokens"]
+    assert disjoint["token_perplexity"].value != sliding["token_perplexity"].value
+
+
+def test_plain_text_file_is_one_document(tmp_path):
+    text = "To be, or not to be, that is the question.\nWhether 'tis nobler in the mind to suffer\n"
+    path = tmp_path / "doc.txt"
+    path.write_text(text, encoding="utf-8")
+    rows = _ppl_rows(tmp_path, overrides={"ppl": {"file": str(path)}})
+    extra = rows["bits_per_byte"].extra
+    assert extra["documents"] == 1 and extra["bytes"] == len(text.encode()) and extra["words"] == 19
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"file": "/no/such/file.txt"}, "not found"),
+    ({"stride": "0"}, "ppl.stride"),
+    ({"max_length": "100000"}, "exceeds"),
+], ids=["missing-file", "bad-stride", "too-long"])
+def test_bad_ppl_options_fail_cleanly(tmp_path, overrides, message):
+    store, failures = run(RunPlan(models=["gpt2-hf"], tasks=["ppl"], weights="random:tiny", limit=1,
+                                  results_dir=str(tmp_path), overrides={"ppl": overrides}))
+    assert store.rows == [] and len(failures) == 1 and message in failures[0].message
+
+
+def test_empty_file_is_an_empty_document_set(tmp_path):
+    (tmp_path / "empty.txt").write_text("  \n")
+    store, failures = run(RunPlan(models=["gpt2-hf"], tasks=["ppl"], weights="random:tiny",
+                                  results_dir=str(tmp_path), overrides={"ppl": {"file": str(tmp_path / "empty.txt")}}))
+    assert "empty" in failures[0].message
+
+
+def test_agrees_with_lm_eval_itself(tmp_path):
+    """lm-eval's own wikitext scoring (its HF backend, local YAML, in-memory model) on the same documents."""
+    lm_eval = pytest.importorskip("lm_eval")
+    import torch
+    import transformers
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from harness.weights import load_weights
+    from harness.models.gpt2 import ARCH
+
+    ours = _ppl_rows(tmp_path / "ours", limit=2)
+    docs = load_wikitext_documents("test")[:2]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"page": d}) + "\n" for d in docs))
+    builtin = Path(lm_eval.__file__).parent / "tasks" / "wikitext" / "wikitext.yaml"
+    (tmp_path / "wikitext_local.yaml").write_text(
+        f"include: {builtin}\ntask: wikitext_local\ndataset_path: json\ndataset_name: null\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {tmp_path / 'docs.jsonl'}\n"
+        "training_split: null\nvalidation_split: null\ntest_split: test\n"
+    )
+    weights = load_weights(ARCH.spec, "random:tiny", seed=0)
+    model = transformers.GPT2LMHeadModel(weights.hf_config)
+    model.load_state_dict(weights.state_dict)
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=weights.tokenizer.backend, eos_token="<|endoftext|>", bos_token="<|endoftext|>"
+    )
+    torch.manual_seed(0)
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    out = lm_eval.simple_evaluate(
+        model=HFLM(pretrained=model.eval(), tokenizer=tokenizer, batch_size=4, device="cpu"),
+        tasks=["wikitext_local"], task_manager=TaskManager(include_path=str(tmp_path)),
+    )["results"]["wikitext_local"]
+    for metric in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
+        assert math.isclose(ours[metric].value, out[f"{metric},none"], rel_tol=1e-4), metric
