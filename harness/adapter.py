@@ -97,7 +97,8 @@ class ModelAdapter(ABC):
         self, input_ids: torch.Tensor, targets: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """log p(targets[b, t] | input_ids[b, :t+1]) as float32 (B, T)."""
-        logits = self.logits(input_ids.to(self.device), None if attention_mask is None else attention_mask.to(self.device))
+        mask = None if attention_mask is None else attention_mask.to(self.device)
+        logits = self.logits(input_ids.to(self.device), mask)
         logprobs = F.log_softmax(logits.float(), dim=-1)
         return logprobs.gather(-1, targets.to(self.device).unsqueeze(-1)).squeeze(-1)
 

@@ -6,6 +6,7 @@ import argparse
 import importlib
 import os
 import sys
+
 from rich.console import Console
 from rich.table import Table
 

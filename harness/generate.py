@@ -90,7 +90,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model = load_model(args.model, args.weights, args.seed, args.device)
     Console(stderr=True).print(f"{model.name} on weights {model.weights.identity} "
                                f"({'greedy' if cfg.temperature == 0 else f'sampling, seed {cfg.seed}'})",
-                               highlight=False)
+                               highlight=False, markup=False)
     sys.stdout.write(continuation(model, args.prompt, cfg) + "\n")
     sys.stdout.flush()
     return 0

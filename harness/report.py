@@ -29,8 +29,10 @@ def write_report(locations: list[str], out: str) -> Path:
     out_path = Path(out)
     fig_dir = out_path.parent / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
-    parts = [f"# Harness report\n\nGenerated {now_iso()} from {len(df)} result rows in "
-             f"{', '.join(f'`{loc}`' for loc in locations)}.\n"]
+    parts = [
+        f"# Harness report\n\nGenerated {now_iso()} from {len(df)} result rows in "
+        f"{', '.join(f'`{loc}`' for loc in locations)}.\n"
+    ]
     if df.empty:
         parts.append("No results yet: run `harness run ...` first.\n")
     else:
@@ -76,8 +78,10 @@ def side_by_side(block: pd.DataFrame) -> str:
 
 
 def pairs_table(task: str, block: pd.DataFrame) -> str:
-    rows = ["| scratch | reference | subtask | metric | scratch value | reference value | delta | tolerance | within |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| scratch | reference | subtask | metric | scratch value | reference value | delta | tolerance | within |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for scratch in sorted(block["model"].unique()):
         reference = _reference_of(scratch)
         if reference is None:
@@ -95,16 +99,20 @@ def _pair_row(task, scratch, reference, key, row, theirs) -> str:
     if spec.threshold is not None or metric == "greedy_tokens_equal":  # parity: the value is itself a diff
         ok = row["value"] <= spec.threshold if spec.threshold is not None else row["value"] == 1.0
         tol = f"<= {spec.threshold:g}" if spec.threshold is not None else "== 1"
-        return (f"| {scratch} | {row.get('extra', {}).get('reference', reference)} | {subtask or '-'} | {metric} | "
-                f"{_fmt(row['value'])} | - | - | {tol} | {'yes' if ok else '**NO**'} |")
+        return (
+            f"| {scratch} | {row.get('extra', {}).get('reference', reference)} | {subtask or '-'} | {metric} | "
+            f"{_fmt(row['value'])} | - | - | {tol} | {'yes' if ok else '**NO**'} |"
+        )
     if theirs is None or key not in theirs.index:
         return f"| {scratch} | {reference} | {subtask or '-'} | {metric} | {_fmt(row['value'])} | missing | - | - | - |"
     ref = theirs.loc[key]
     delta = row["value"] - ref["value"]
     allowed = _pair_allowed(spec, ref["value"], row.get("stderr"), ref.get("stderr"))
     ok = abs(delta) <= allowed
-    return (f"| {scratch} | {reference} | {subtask or '-'} | {metric} | {_fmt(row['value'])} | {_fmt(ref['value'])} | "
-            f"{delta:+.3g} | {allowed:.3g} | {'yes' if ok else '**NO**'} |")
+    return (
+        f"| {scratch} | {reference} | {subtask or '-'} | {metric} | {_fmt(row['value'])} | {_fmt(ref['value'])} | "
+        f"{delta:+.3g} | {allowed:.3g} | {'yes' if ok else '**NO**'} |"
+    )
 
 
 def _pair_allowed(spec: MetricSpec, ref_value: float, se1, se2) -> float:

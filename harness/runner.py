@@ -14,7 +14,14 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from harness.adapter import ModelAdapter, ModelSpec
 from harness.errors import HarnessError
@@ -125,12 +132,28 @@ def _run_one(pool: ModelPool, model_name: str, task: Task, plan: RunPlan, store:
 def make_row(model: ModelAdapter, task: Task, m: Metric, plan: RunPlan, run_id: str, wall: float) -> ResultRow:
     prov = provenance()
     return ResultRow(
-        model=model.name, weights=model.weights.identity, weights_sha256=model.weights.sha256,
-        task=task.name, task_version=task.version, subtask=m.subtask, metric=m.metric, value=m.value,
-        n=m.n, stderr=m.stderr, higher_is_better=m.higher_is_better, config=_config_dict(task, plan),
-        seed=plan.seed, run_id=run_id, created_at=now_iso(), git_sha=prov["git_sha"], git_dirty=prov["git_dirty"],
-        harness_version=prov["harness_version"], torch_version=prov["torch_version"],
-        transformers_version=prov["transformers_version"], device=str(model.device), wall_seconds=round(wall, 3),
+        model=model.name,
+        weights=model.weights.identity,
+        weights_sha256=model.weights.sha256,
+        task=task.name,
+        task_version=task.version,
+        subtask=m.subtask,
+        metric=m.metric,
+        value=m.value,
+        n=m.n,
+        stderr=m.stderr,
+        higher_is_better=m.higher_is_better,
+        config=_config_dict(task, plan),
+        seed=plan.seed,
+        run_id=run_id,
+        created_at=now_iso(),
+        git_sha=prov["git_sha"],
+        git_dirty=prov["git_dirty"],
+        harness_version=prov["harness_version"],
+        torch_version=prov["torch_version"],
+        transformers_version=prov["transformers_version"],
+        device=str(model.device),
+        wall_seconds=round(wall, 3),
         extra=m.extra,
     )
 
@@ -141,8 +164,13 @@ def _config_dict(task: Task, plan: RunPlan) -> dict[str, Any]:
 
 def _progress(console: Console) -> Progress:
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
     )
 
 

@@ -436,6 +436,10 @@ class Trainer:
         loss = self.evaluate()
         self.val_losses[self.step] = loss
         self.write("val_loss", loss)
+        recent = self.train_losses[-self.cfg.log_interval:]
+        train = f"train loss {sum(recent) / len(recent):.4f}, " if recent else ""
+        self.console.print(f"step {self.step}: {train}val loss {loss:.4f}, {self._tps():,.0f} tokens/s",
+                           highlight=False, markup=False)  # a plain line: readable in CI logs too
         return loss
 
     def log_train(self) -> None:
@@ -461,7 +465,7 @@ class Trainer:
         except KeyboardInterrupt:
             self.save()
             self.console.print(f"interrupted after step {self.step}; checkpoint in '{self.out}' "
-                               "(continue with --resume)")
+                               "(continue with --resume)", markup=False)
             raise
         return self._finish()
 
@@ -493,7 +497,8 @@ class Trainer:
         self.write("val_perplexity", math.exp(val), val_loss=val)
         self.save()
         self.console.print(f"done: step {self.step}, val loss {val:.4f} (perplexity {math.exp(val):.2f}), "
-                           f"{self._tps():.0f} tokens/s; checkpoint -> {self.out}; rows -> {self.store.path}")
+                           f"{self._tps():.0f} tokens/s; checkpoint -> {self.out}; rows -> {self.store.path}",
+                           markup=False)
         return TrainResult(self.train_losses, self.val_losses, self._tps(), self.out)
 
     def _announce(self) -> None:
@@ -501,7 +506,7 @@ class Trainer:
         self.console.print(
             f"train {self.adapter.name} ({n:,} parameters, init {self.init_identity}) on {d.description}: "
             f"{len(d.train):,} train / {len(d.val):,} val tokens; step {self.step} of {self.cfg.steps}",
-            highlight=False)
+            highlight=False, markup=False)
 
 
 def _num_params(module: torch.nn.Module) -> int:

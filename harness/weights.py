@@ -15,8 +15,8 @@ computed from bit-identical weights.
 from __future__ import annotations
 
 import hashlib
-from contextlib import contextmanager
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 

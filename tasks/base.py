@@ -79,8 +79,9 @@ def make_config(task: type[Task], overrides: dict[str, str]) -> Any:
     values = {}
     for key, raw in overrides.items():
         if key not in fields:
-            raise UnknownNameError(f"unknown key '{task.name}.{key}'; known keys: "
-                                   + ", ".join(f"{task.name}.{k}" for k in fields))
+            raise UnknownNameError(
+                f"unknown key '{task.name}.{key}'; known keys: " + ", ".join(f"{task.name}.{k}" for k in fields)
+            )
         values[key] = coerce(raw, fields[key], f"{task.name}.{key}")
     return task.config_class(**values)
 

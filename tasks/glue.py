@@ -103,7 +103,7 @@ class GlueConfig:
     lr: float = 1e-4  # 2e-5 stays at chance on MiniLM with ~1k examples and 1 epoch
     epochs: int = 1
     batch_size: int = 32
-    max_train_examples: int | None = 1500  # a seeded random subset of train; None: all
+    max_train_examples: int | None = 1000  # a seeded random subset of train; None: all
     max_seq_len: int = 128  # tokens per example (pair included), truncated longest-first
     eval_batch_size: int = 64
     warmup_ratio: float = 0.1  # linear warmup over this fraction of the steps, then linear decay
@@ -118,7 +118,8 @@ class GlueConfig:
 
 def subtask(name: str) -> GlueSubtask:
     if name not in SUBTASKS:
-        raise UnknownNameError(f"unknown GLUE subtask '{name}'; known subtasks: {', '.join(sorted(SUBTASKS))}")
+        known = ", ".join(sorted(SUBTASKS))
+        raise UnknownNameError(f"unknown GLUE subtask '{name}'; known subtasks: {known}")
     return SUBTASKS[name]
 
 
@@ -139,7 +140,8 @@ def read_tsv(path: Path, columns: tuple[str, ...], header: bool) -> list[tuple[i
         rows = rows[1:]
     for line, row in rows:
         if len(row) != len(columns):
-            raise HarnessError(f"{path}:{line}: expected {len(columns)} tab-separated fields, found {len(row)}")
+            raise HarnessError(f"{path}:{line}: expected {len(columns)} tab-separated fields, "
+                               f"found {len(row)}")
     return rows
 
 
@@ -345,7 +347,7 @@ _SCORE = MetricSpec(higher_is_better=True)  # pair and gate slack come from the 
 class Glue(Task):
     name = "glue"
     version = "1.0"
-    description = "GLUE dev scores after fine-tuning (sst2, cola, mrpc, rte, stsb, wnli, qnli), with bootstrap CIs"
+    description = "GLUE dev scores after fine-tuning (sst2 cola mrpc rte stsb wnli qnli), with bootstrap CIs"
     config_class = GlueConfig
     needs = frozenset({Capability.CLASSIFY})
     metrics = {
@@ -365,8 +367,8 @@ class Glue(Task):
         for name in self.config.subtasks:
             sub = subtask(name)
             if not sub.has_local_train and self.config.source == "local":
-                warnings.warn(f"glue: skipping {name}: its train split is not vendored (tasks/data/README.md); "
-                              f"use --set glue.source=hub to fine-tune on it", stacklevel=2)
+                note = "its train split is not vendored (tasks/data/README.md); use --set glue.source=hub"
+                warnings.warn(f"glue: skipping {name}: {note}", stacklevel=2)
                 continue
             yield from self.run_subtask(model, sub, ctx)
 

@@ -54,7 +54,9 @@ class Parity(Task):
         inputs = self.random_inputs(model, ctx.seed)
         extra = {"atol": self.config.atol, "reference": reference.name}
         if hasattr(model, "hidden_states"):
-            yield self.metric("max_abs_hidden_diff", hidden_diff(model, reference, inputs), n=inputs.numel(), extra=extra)
+            yield self.metric(
+                "max_abs_hidden_diff", hidden_diff(model, reference, inputs), n=inputs.numel(), extra=extra
+            )
         yield self.metric("max_abs_logit_diff", logit_diff(model, reference, inputs), n=inputs.numel(), extra=extra)
         yield self.metric("max_abs_grad_diff", grad_diff(model, reference, inputs), n=inputs.numel(), extra=extra)
         if Capability.GENERATE in model.capabilities and Capability.GENERATE in reference.capabilities:
@@ -70,8 +72,12 @@ class Parity(Task):
         n = min(self.config.new_tokens, model.max_length - len(prompt))
         ours = model.generate(prompt, n, temperature=0.0)
         theirs = reference.generate(prompt, n, temperature=0.0)
-        extra = {"prompt": self.config.prompt, "scratch_tokens": ours, "reference_tokens": theirs,
-                 "scratch_text": model.tokenizer.decode(ours)}
+        extra = {
+            "prompt": self.config.prompt,
+            "scratch_tokens": ours,
+            "reference_tokens": theirs,
+            "scratch_text": model.tokenizer.decode(ours),
+        }
         return self.metric("greedy_tokens_equal", float(ours == theirs), n=n, extra=extra)
 
 

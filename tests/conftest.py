@@ -14,8 +14,14 @@ def tiny_run(tmp_path_factory):
     from harness.runner import RunPlan, run
 
     results = tmp_path_factory.mktemp("results")
-    plan = RunPlan(models=["gpt2-scratch", "gpt2-hf"], tasks=["ppl", "parity"], weights="random:tiny",
-                   limit=2, seed=0, results_dir=str(results))
+    plan = RunPlan(
+        models=["gpt2-scratch", "gpt2-hf"],
+        tasks=["ppl", "parity"],
+        weights="random:tiny",
+        limit=2,
+        seed=0,
+        results_dir=str(results),
+    )
     store, failures = run(plan)
     assert failures == []
     return store

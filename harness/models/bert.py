@@ -28,7 +28,7 @@ from functools import lru_cache
 import torch
 import transformers
 from tokenizers import Tokenizer
-from torch import nn
+from torch import Tensor, nn
 
 from harness.adapter import Capability, ModelAdapter, ModelInfo, ModelSpec
 from harness.errors import HarnessError
@@ -88,7 +88,7 @@ class BertAdapter(ModelAdapter):
     def max_length(self) -> int:
         return self.weights.hf_config.max_position_embeddings
 
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Tensor:
         """Last hidden state (B, T, H); padding keys (attention_mask 0) are masked."""
         raise NotImplementedError
 
@@ -96,7 +96,7 @@ class BertAdapter(ModelAdapter):
         hidden = self.hidden_states(input_ids, attention_mask)  # (B, T, H)
         return hidden @ self.module.embeddings.word_embeddings.weight.T  # (B, T, V)
 
-    def encode_pairs(self, texts_a: list[str], texts_b: list[str] | None, max_len: int) -> dict[str, torch.Tensor]:
+    def encode_pairs(self, texts_a: list[str], texts_b: list[str] | None, max_len: int) -> dict[str, Tensor]:
         """WordPiece "[CLS] A [SEP] B [SEP]" (or "[CLS] A [SEP]"), truncated longest-first to max_len,
         right-padded to the longest row: input_ids, attention_mask, token_type_ids, each (B, T)."""
         backend = _pair_backend(self.tokenizer.backend, self.tokenizer.pad_id, max_len)

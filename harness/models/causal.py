@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from transformers import GenerationConfig
 
 from harness.adapter import Capability, ModelAdapter, ModelInfo, ModelSpec
@@ -47,7 +47,7 @@ def seeded_head_(head: nn.Linear, seed: int, std: float = 0.02) -> nn.Linear:
 class DecoderClassifier(nn.Module):
     """A causal LM body plus a linear head on the extract token's final hidden state (GPT-1, 3.3)."""
 
-    def __init__(self, body: nn.Module, final_hidden: Callable, n_embd: int, num_labels: int, seed: int) -> None:
+    def __init__(self, body: nn.Module, final_hidden: Callable, n_embd: int, num_labels: int, seed: int):
         super().__init__()
         self.body = body
         self.final_hidden = final_hidden  # (body, input_ids, attention_mask) -> (B, T, C)
@@ -63,7 +63,7 @@ class DecoderClassifier(nn.Module):
 class DecoderClassification:
     """CLASSIFY for decoder adapters: pair encoding with <|endoftext|> and a fresh `DecoderClassifier`."""
 
-    def encode_pairs(self, texts_a: list[str], texts_b: list[str] | None, max_len: int) -> dict[str, torch.Tensor]:
+    def encode_pairs(self, texts_a: list[str], texts_b: list[str] | None, max_len: int) -> dict[str, Tensor]:
         """`eot A eot B eot` (or `eot A eot`), truncated longest-first to max_len tokens and
         right-padded: input_ids and attention_mask, each (B, T)."""
         eot = self.tokenizer.eot_id
@@ -105,13 +105,13 @@ def _lm_head_as_identity(module: nn.Module) -> Iterator[None]:
         module.lm_head = head
 
 
-def _scratch_final_hidden(body: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def _scratch_final_hidden(body: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     # Causal attention and right padding: the mask cannot change any real token's state.
     with _lm_head_as_identity(body):
         return body(input_ids)
 
 
-def _hf_final_hidden(body: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def _hf_final_hidden(body: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     return body.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 

@@ -15,8 +15,10 @@ from harness.weights import load_weights
 load_plugins()
 
 ATOL = 1e-5
-PAIRS = (["A man is playing a guitar.", "short", "The cat sat on the mat, and then it slept for a long time."],
-         ["Someone plays an instrument.", "a much longer second sentence than the first one", "It slept."])
+PAIRS = (
+    ["A man is playing a guitar.", "short", "The cat sat on the mat, and then it slept for a long time."],
+    ["Someone plays an instrument.", "a much longer second sentence than the first one", "It slept."],
+)
 CLASSIFIER_PAIRS = [("bert-scratch", "bert-hf"), ("gpt2-scratch", "gpt2-hf")]
 
 
@@ -64,7 +66,14 @@ def test_encode_pairs_builds_cls_a_sep_b_sep(tiny_pair):
     enc = scratch.encode_pairs(["hello world"], ["second one"], max_len=16)
     tok = scratch.tokenizer.backend
     assert [tok.id_to_token(i) for i in enc["input_ids"][0].tolist()] == [
-        "[CLS]", "hello", "world", "[SEP]", "second", "one", "[SEP]"]
+        "[CLS]",
+        "hello",
+        "world",
+        "[SEP]",
+        "second",
+        "one",
+        "[SEP]",
+    ]
     assert enc["token_type_ids"][0].tolist() == [0, 0, 0, 0, 1, 1, 1]
     single = scratch.encode_pairs(["hello world", "hi"], None, max_len=16)
     assert single["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]  # padded to the longest row
@@ -92,8 +101,10 @@ def test_classifier_is_fresh_and_head_depends_only_on_seed(name):
     first = model.classifier(2, seed=3)
     torch.manual_seed(123)  # the global RNG must not matter
     second, other = model.classifier(2, seed=3), model.classifier(2, seed=4)
-    heads = [[p for n, p in m.named_parameters() if n.endswith(("classifier.weight", "head.weight"))][0]
-             for m in (first, second, other)]
+    heads = [
+        [p for n, p in m.named_parameters() if n.endswith(("classifier.weight", "head.weight"))][0]
+        for m in (first, second, other)
+    ]
     assert torch.equal(heads[0], heads[1]) and not torch.equal(heads[0], heads[2])
     for p in first.parameters():
         p.data.add_(1.0)  # training the classifier must not touch the adapter's own module
@@ -142,8 +153,14 @@ def test_pretraining_checkpoint_heads_are_dropped(tmp_path):
 
 
 def test_unsupported_variant_is_a_one_line_error(tmp_path):
-    config = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=64, hidden_act="relu")
+    config = transformers.BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        hidden_act="relu",
+    )
     transformers.BertModel(config).save_pretrained(tmp_path)
     spec = MODELS.get("bert-scratch")
     with pytest.raises(HarnessError, match="cannot reproduce"):
@@ -156,8 +173,12 @@ def test_minilm_parity_and_classifier():
     enc = scratch.encode_pairs(*PAIRS, max_len=64)
     with torch.no_grad():
         keep = enc["attention_mask"].bool()
-        torch.testing.assert_close(scratch.hidden_states(enc["input_ids"], enc["attention_mask"])[keep],
-                                   hf.hidden_states(enc["input_ids"], enc["attention_mask"])[keep], atol=ATOL, rtol=0)
+        torch.testing.assert_close(
+            scratch.hidden_states(enc["input_ids"], enc["attention_mask"])[keep],
+            hf.hidden_states(enc["input_ids"], enc["attention_mask"])[keep],
+            atol=ATOL,
+            rtol=0,
+        )
         a = scratch.classifier(2, seed=0).eval()(**enc)
         b = hf.classifier(2, seed=0).eval()(**enc)
     torch.testing.assert_close(a, b, atol=ATOL, rtol=0)

@@ -22,13 +22,17 @@ def test_list_models_and_tasks(capsys):
     assert "ppl" in out and "parity" in out
 
 
-@pytest.mark.parametrize("args, message", [
-    (["run", "--model", "gpt5-scratch", "--tasks", "ppl"], "unknown model 'gpt5-scratch'; known models: "),
-    (["run", "--model", "gpt2-scratch", "--tasks", "mmlu"], "unknown task 'mmlu'; known tasks: "),
-    (["run", "--model", "gpt2-scratch", "--tasks", "ppl", "--set", "ppl.window=3"], "unknown key 'ppl.window'"),
-    (["run", "--model", "gpt2-scratch", "--tasks", "ppl", "--set", "ppl.stride=abc"], "expected int"),
-    (["run", "--model", "gpt2-scratch", "--tasks", "ppl", "--weights", "/nope"], "weights '/nope'"),
-], ids=["model", "task", "key", "value", "weights"])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "--model", "gpt5-scratch", "--tasks", "ppl"], "unknown model 'gpt5-scratch'; known models: "),
+        (["run", "--model", "gpt2-scratch", "--tasks", "mmlu"], "unknown task 'mmlu'; known tasks: "),
+        (["run", "--model", "gpt2-scratch", "--tasks", "ppl", "--set", "ppl.window=3"], "unknown key 'ppl.window'"),
+        (["run", "--model", "gpt2-scratch", "--tasks", "ppl", "--set", "ppl.stride=abc"], "expected int"),
+        (["run", "--model", "gpt2-scratch", "--tasks", "ppl", "--weights", "/nope"], "weights '/nope'"),
+    ],
+    ids=["model", "task", "key", "value", "weights"],
+)
 def test_bad_input_is_one_line_exit_2_no_traceback(args, message, tmp_path):
     proc = harness(*args, "--results-dir", str(tmp_path))
     assert proc.returncode == 2
@@ -41,8 +45,15 @@ def test_report_shows_pairs_tolerances_and_provenance(tiny_run, tmp_path):
     out = tmp_path / "report.md"
     assert main(["report", "--results-dir", str(tiny_run.path.parent.parent), "--out", str(out)]) == 0
     text = out.read_text()
-    for needle in ("## Task `ppl`", "## Task `parity`", "gpt2-scratch | gpt2-hf", "random:tiny", "## Provenance",
-                   "max_abs_logit_diff", "within"):
+    for needle in (
+        "## Task `ppl`",
+        "## Task `parity`",
+        "gpt2-scratch | gpt2-hf",
+        "random:tiny",
+        "## Provenance",
+        "max_abs_logit_diff",
+        "within",
+    ):
         assert needle in text, needle
     assert "**NO**" not in text
     assert list((tmp_path / "figures").glob("*.png"))
@@ -76,8 +87,10 @@ def test_gate_fails_on_a_deliberately_regressed_metric(tiny_run, tmp_path, capsy
     out = capsys.readouterr().out
     assert "REGRESSED" in out and "word_perplexity" in out and "FAILED" in out
     # a looser tolerance for that metric lets it through; an improvement never fails
-    assert main(["gate", "--baseline", str(baseline), "--results-dir", str(current),
-                 "--tol", "word_perplexity=rel:0.02"]) == 0
+    assert (
+        main(["gate", "--baseline", str(baseline), "--results-dir", str(current), "--tol", "word_perplexity=rel:0.02"])
+        == 0
+    )
     _perturb(current, "word_perplexity", 0.5)
     assert main(["gate", "--baseline", str(baseline), "--results-dir", str(current)]) == 0
 

@@ -59,8 +59,22 @@ def test_empty_prompt_starts_from_end_of_text():
 
 
 def test_bad_requests_fail_in_one_line(capsys):
-    assert main(["generate", "--model", "gpt2-scratch", "--weights", "random:tiny", "--prompt", "Hi",
-                 "--max-new-tokens", "100"]) == 2
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                "gpt2-scratch",
+                "--weights",
+                "random:tiny",
+                "--prompt",
+                "Hi",
+                "--max-new-tokens",
+                "100",
+            ]
+        )
+        == 2
+    )
     assert "exceeds gpt2-scratch's context of 64; use --max-new-tokens 63 or less" in capsys.readouterr().err
     with pytest.raises(HarnessError, match="--temperature -1"):
         GenerateConfig(temperature=-1)

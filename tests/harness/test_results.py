@@ -9,9 +9,29 @@ from harness.errors import HarnessError
 from harness.results import SCHEMA_VERSION, ResultStore, latest, load_results, read_jsonl
 
 REQUIRED = {
-    "model", "weights", "weights_sha256", "task", "task_version", "subtask", "metric", "value", "n", "stderr",
-    "higher_is_better", "config", "seed", "run_id", "created_at", "git_sha", "git_dirty", "harness_version",
-    "torch_version", "transformers_version", "device", "wall_seconds", "schema_version",
+    "model",
+    "weights",
+    "weights_sha256",
+    "task",
+    "task_version",
+    "subtask",
+    "metric",
+    "value",
+    "n",
+    "stderr",
+    "higher_is_better",
+    "config",
+    "seed",
+    "run_id",
+    "created_at",
+    "git_sha",
+    "git_dirty",
+    "harness_version",
+    "torch_version",
+    "transformers_version",
+    "device",
+    "wall_seconds",
+    "schema_version",
 }
 
 
@@ -37,8 +57,15 @@ def test_loader_joins_dirs_and_latest_picks_newest(tiny_run, tmp_path):
 
 
 def test_old_schema_rows_stay_readable(tmp_path):
-    legacy = {"model": "m", "weights": "w", "task": "t", "subtask": "", "metric": "x", "value": "nan",
-              "created_at": "2020-01-01T00:00:00+00:00"}
+    legacy = {
+        "model": "m",
+        "weights": "w",
+        "task": "t",
+        "subtask": "",
+        "metric": "x",
+        "value": "nan",
+        "created_at": "2020-01-01T00:00:00+00:00",
+    }
     (tmp_path / "legacy.jsonl").write_text(json.dumps(legacy) + "\n")
     df = load_results(tmp_path)
     assert df.iloc[0]["schema_version"] == 1 and df.iloc[0]["value"] != df.iloc[0]["value"]  # NaN

@@ -10,6 +10,6 @@ def test_gpt2_bpe_known_ids():
 
 def test_gpt2_bpe_round_trip_and_special_token():
     tok = gpt2_tokenizer()
-    text = " = Robert Boulter = \n \n He said \"it's 3.5 km\"  twice\u2014ok?"
+    text = ' = Robert Boulter = \n \n He said "it\'s 3.5 km"  twice\u2014ok?'
     assert tok.decode(tok.encode(text)) == text
     assert tok.encode("a<|endoftext|>b") == [64, 50256, 65]

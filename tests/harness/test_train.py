@@ -36,8 +36,17 @@ from harness.train import (
 )
 
 PARITY_ATOL = 1e-4  # per-step |loss_scratch - loss_hf| allowed over 50 steps (measured: ~1e-6)
-TINY = TrainConfig(steps=6, batch_size=2, block_size=16, warmup_steps=2, lr=3e-3, min_lr=3e-4,
-                   eval_interval=3, eval_batches=1, log_interval=1)
+TINY = TrainConfig(
+    steps=6,
+    batch_size=2,
+    block_size=16,
+    warmup_steps=2,
+    lr=3e-3,
+    min_lr=3e-4,
+    eval_interval=3,
+    eval_batches=1,
+    log_interval=1,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -53,8 +62,14 @@ def quiet() -> Console:
 
 
 def tiny_run(tmp_path, name: str, model: str = "gpt2-scratch", **kwargs) -> TrainRun:
-    return TrainRun(model=model, data="tinyshakespeare", out=str(tmp_path / name), size="tiny",
-                    results_dir=str(tmp_path / "results"), **kwargs)
+    return TrainRun(
+        model=model,
+        data="tinyshakespeare",
+        out=str(tmp_path / name),
+        size="tiny",
+        results_dir=str(tmp_path / "results"),
+        **kwargs,
+    )
 
 
 # -- pieces -----------------------------------------------------------------------------------------
@@ -122,8 +137,9 @@ def parity_runs(tmp_path_factory):
 def test_scratch_and_hf_train_identically_from_the_same_init(parity_runs):
     ours, ref, tmp_path = parity_runs
     assert len(ours.train_losses) == len(ref.train_losses) == 50
-    torch.testing.assert_close(torch.tensor(ours.train_losses), torch.tensor(ref.train_losses),
-                               atol=PARITY_ATOL, rtol=0)
+    torch.testing.assert_close(
+        torch.tensor(ours.train_losses), torch.tensor(ref.train_losses), atol=PARITY_ATOL, rtol=0
+    )
     assert ours.train_losses[-1] < ours.train_losses[0] - 0.5  # it learned something
     rows = load_results(tmp_path / "results")
     assert rows.groupby("model")["weights_sha256"].first().nunique() == 1  # one shared init
@@ -211,9 +227,29 @@ def test_hf_state_is_the_reference_layout(tmp_path):
 
 def test_cli_trains_refuses_to_overwrite_and_resumes_longer(tmp_path, capsys):
     out, results = str(tmp_path / "cli"), str(tmp_path / "results")
-    args = ["train", "--model", "gpt2-scratch", "--data", "tinyshakespeare", "--out", out,
-            "--results-dir", results, "--steps", "2", "--batch-size", "2", "--block-size", "16",
-            "--set", "train.warmup_steps=1", "--set", "train.eval_batches=1", "--set", "model.n_layer=1"]
+    args = [
+        "train",
+        "--model",
+        "gpt2-scratch",
+        "--data",
+        "tinyshakespeare",
+        "--out",
+        out,
+        "--results-dir",
+        results,
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--block-size",
+        "16",
+        "--set",
+        "train.warmup_steps=1",
+        "--set",
+        "train.eval_batches=1",
+        "--set",
+        "model.n_layer=1",
+    ]
     assert main(args) == 0
     assert main(args) == 2
     assert "already holds a training checkpoint" in capsys.readouterr().err

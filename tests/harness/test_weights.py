@@ -37,9 +37,15 @@ def test_mismatched_checkpoint_names_the_keys(tmp_path):
         load_weights(ARCH.spec, str(tmp_path), seed=0)
 
 
-@pytest.mark.parametrize("spec, error", [
-    ("random:huge", UnknownNameError), ("/no/such/dir", HarnessError), ("not-a-hub-id", HarnessError),
-], ids=["unknown-size", "missing-dir", "bad-spec"])
+@pytest.mark.parametrize(
+    "spec, error",
+    [
+        ("random:huge", UnknownNameError),
+        ("/no/such/dir", HarnessError),
+        ("not-a-hub-id", HarnessError),
+    ],
+    ids=["unknown-size", "missing-dir", "bad-spec"],
+)
 def test_bad_weight_specs_are_one_line_errors(spec, error):
     with pytest.raises(error) as exc:
         load_weights(ARCH.spec, spec, seed=0)

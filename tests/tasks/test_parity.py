@@ -24,8 +24,9 @@ def test_parity_detects_a_broken_reproduction(tmp_path, monkeypatch):
             self.module.transformer.h[0].mlp.c_fc.bias.add_(1e-2)
 
     monkeypatch.setattr(causal._Scratch, "__init__", broken_init)
-    store, failures = run(RunPlan(models=["gpt2-scratch"], tasks=["parity"], weights="random:tiny",
-                                  results_dir=str(tmp_path)))
+    store, failures = run(
+        RunPlan(models=["gpt2-scratch"], tasks=["parity"], weights="random:tiny", results_dir=str(tmp_path))
+    )
     rows = {r.metric: r.value for r in store.rows}
     assert not failures
     assert rows["max_abs_logit_diff"] > 1e-5 and rows["max_abs_grad_diff"] > 1e-5
@@ -33,8 +34,9 @@ def test_parity_detects_a_broken_reproduction(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_real_124m_config_is_at_parity(tmp_path):
-    store, failures = run(RunPlan(models=["gpt2-scratch"], tasks=["parity"], weights="random:gpt2",
-                                  results_dir=str(tmp_path)))
+    store, failures = run(
+        RunPlan(models=["gpt2-scratch"], tasks=["parity"], weights="random:gpt2", results_dir=str(tmp_path))
+    )
     rows = {r.metric: r.value for r in store.rows}
     assert not failures
     assert rows["max_abs_logit_diff"] <= 1e-5 and rows["max_abs_grad_diff"] <= 1e-5

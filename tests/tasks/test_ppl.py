@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from harness.errors import HarnessError
 from harness.runner import RunPlan, run
 from tasks.ppl import detokenize, load_wikitext_documents, rolling_windows
 
@@ -17,7 +16,7 @@ def test_wikitext_test_splits_into_62_articles():
     assert docs[0].startswith(" = Robert Boulter = \n")
     assert all(re.match(r" = [^=].* = \n", d) for d in docs)
     raw = (Path(__file__).parents[2] / "tasks/data/wikitext-2-raw/wiki.test.raw").read_text(encoding="utf-8")
-    assert "\n".join(docs) == raw[raw.index(" = Robert"):]  # nothing lost, nothing added
+    assert "\n".join(docs) == raw[raw.index(" = Robert") :]  # nothing lost, nothing added
 
 
 def test_detokenizer_matches_lm_eval_on_every_document():
@@ -26,8 +25,9 @@ def test_detokenizer_matches_lm_eval_on_every_document():
         assert detokenize(doc) == lm_eval_wikitext.wikitext_detokenizer({"page": doc})
 
 
-@pytest.mark.parametrize("n, max_len, stride", [(1, 4, 4), (4, 4, 4), (5, 4, 4), (13, 4, 2), (13, 5, 1), (9, 8, 3)],
-                         ids=lambda v: str(v))
+@pytest.mark.parametrize(
+    "n, max_len, stride", [(1, 4, 4), (4, 4, 4), (5, 4, 4), (13, 4, 2), (13, 5, 1), (9, 8, 3)], ids=lambda v: str(v)
+)
 def test_rolling_windows_score_each_token_once_with_enough_context(n, max_len, stride):
     tokens = list(range(100, 100 + n))
     windows = rolling_windows(tokens, eot_id=0, max_length=max_len, stride=stride)
@@ -43,8 +43,9 @@ def test_rolling_windows_score_each_token_once_with_enough_context(n, max_len, s
 
 
 def _ppl_rows(results_dir, **kw):
-    store, failures = run(RunPlan(models=["gpt2-hf"], tasks=["ppl"], weights="random:tiny", seed=0,
-                                  results_dir=str(results_dir), **kw))
+    store, failures = run(
+        RunPlan(models=["gpt2-hf"], tasks=["ppl"], weights="random:tiny", seed=0, results_dir=str(results_dir), **kw)
+    )
     assert not failures, failures
     return {r.metric: r for r in store.rows}
 
@@ -71,21 +72,40 @@ def test_plain_text_file_is_one_document(tmp_path):
     assert extra["documents"] == 1 and extra["bytes"] == len(text.encode()) and extra["words"] == 19
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"file": "/no/such/file.txt"}, "not found"),
-    ({"stride": "0"}, "ppl.stride"),
-    ({"max_length": "100000"}, "exceeds"),
-], ids=["missing-file", "bad-stride", "too-long"])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"file": "/no/such/file.txt"}, "not found"),
+        ({"stride": "0"}, "ppl.stride"),
+        ({"max_length": "100000"}, "exceeds"),
+    ],
+    ids=["missing-file", "bad-stride", "too-long"],
+)
 def test_bad_ppl_options_fail_cleanly(tmp_path, overrides, message):
-    store, failures = run(RunPlan(models=["gpt2-hf"], tasks=["ppl"], weights="random:tiny", limit=1,
-                                  results_dir=str(tmp_path), overrides={"ppl": overrides}))
+    store, failures = run(
+        RunPlan(
+            models=["gpt2-hf"],
+            tasks=["ppl"],
+            weights="random:tiny",
+            limit=1,
+            results_dir=str(tmp_path),
+            overrides={"ppl": overrides},
+        )
+    )
     assert store.rows == [] and len(failures) == 1 and message in failures[0].message
 
 
 def test_empty_file_is_an_empty_document_set(tmp_path):
     (tmp_path / "empty.txt").write_text("  \n")
-    store, failures = run(RunPlan(models=["gpt2-hf"], tasks=["ppl"], weights="random:tiny",
-                                  results_dir=str(tmp_path), overrides={"ppl": {"file": str(tmp_path / "empty.txt")}}))
+    store, failures = run(
+        RunPlan(
+            models=["gpt2-hf"],
+            tasks=["ppl"],
+            weights="random:tiny",
+            results_dir=str(tmp_path),
+            overrides={"ppl": {"file": str(tmp_path / "empty.txt")}},
+        )
+    )
     assert "empty" in failures[0].message
 
 
@@ -97,8 +117,8 @@ def test_agrees_with_lm_eval_itself(tmp_path):
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from harness.weights import load_weights
     from harness.models.gpt2 import ARCH
+    from harness.weights import load_weights
 
     ours = _ppl_rows(tmp_path / "ours", limit=2)
     docs = load_wikitext_documents("test")[:2]
@@ -119,7 +139,8 @@ def test_agrees_with_lm_eval_itself(tmp_path):
     os.environ["HF_DATASETS_OFFLINE"] = "1"
     out = lm_eval.simple_evaluate(
         model=HFLM(pretrained=model.eval(), tokenizer=tokenizer, batch_size=4, device="cpu"),
-        tasks=["wikitext_local"], task_manager=TaskManager(include_path=str(tmp_path)),
+        tasks=["wikitext_local"],
+        task_manager=TaskManager(include_path=str(tmp_path)),
     )["results"]["wikitext_local"]
     for metric in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
         assert math.isclose(ours[metric].value, out[f"{metric},none"], rel_tol=1e-4), metric
