@@ -38,6 +38,8 @@ class Capability(str, Enum):
     GENERATE = "generate"  # autoregressive decoding
     CLASSIFY = "classify"  # a sequence-classification head that can be fine-tuned
     TRAIN = "train"  # next-token training
+    SEQ2SEQ = "seq2seq"  # encoder-decoder: teacher-forced logits and batched greedy decoding of a source
+    TOKENIZE = "tokenize"  # a text tokenizer: encode/decode batches and train new merges
 
 
 @dataclass(frozen=True)

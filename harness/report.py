@@ -69,10 +69,11 @@ def side_by_side(block: pd.DataFrame) -> str:
     models = sorted(block["model"].unique(), key=_pair_order)
     table = block.pivot_table(index=["subtask", "metric"], columns="model", values="value", aggfunc="last")
     stderr = block.pivot_table(index=["subtask", "metric"], columns="model", values="stderr", aggfunc="last")
+    stderr = stderr.reindex(index=table.index, columns=table.columns)  # metrics without any stderr -> NaN
     header = "| subtask | metric | " + " | ".join(models) + " |"
     rows = [header, "|" + "---|" * (len(models) + 2)]
     for (subtask, metric), row in table.iterrows():
-        cells = [_cell(row.get(m), stderr.loc[(subtask, metric)].get(m) if m in stderr else None) for m in models]
+        cells = [_cell(row.get(m), stderr.loc[(subtask, metric)].get(m)) for m in models]
         rows.append(f"| {subtask or '-'} | {metric} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 

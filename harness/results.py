@@ -168,12 +168,14 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def result_files(location: str | Path) -> list[Path]:
+    """Every .jsonl under `location`, recursively. Folders named `baseline` hold CI's reference rows,
+    not runs: they are read only when named directly (e.g. `harness gate --baseline results/baseline`)."""
     p = Path(location)
     if p.is_file():
         return [p]
     if not p.is_dir():
         raise HarnessError(f"results location '{p}' does not exist")
-    return sorted(p.glob("v*/*.jsonl")) + sorted(p.glob("*.jsonl"))
+    return sorted(f for f in p.rglob("*.jsonl") if "baseline" not in f.relative_to(p).parts[:-1])
 
 
 def load_results(*locations: str | Path) -> pd.DataFrame:

@@ -695,7 +695,8 @@ def _plot_curves(rows: pd.DataFrame, fig_dir: Path) -> Path:
         for train_id, run in rows[rows["metric"] == metric].groupby("train_id", sort=True):
             run = run.sort_values("step")
             style = "-" if "scratch" in run["model"].iloc[0] else "--"
-            ax.plot(run["step"], run["value"], style, label=f"{run['model'].iloc[0]} ({train_id[-6:]})")
+            label = f"{run['model'].iloc[0]} on {run['subtask'].iloc[0]} ({train_id[-6:]})"
+            ax.plot(run["step"], run["value"], style, label=label)
         ax.set_title(metric, fontsize=9)
         ax.set_xlabel("step")
         ax.legend(fontsize=6)

@@ -80,6 +80,34 @@ class Parity(Task):
         }
         return self.metric("greedy_tokens_equal", float(ours == theirs), n=n, extra=extra)
 
+    @staticmethod
+    def report_section(history, fig_dir, report_dir) -> str:
+        return parity_table(history)
+
+
+def parity_table(history) -> str:
+    """Markdown: one row per (scratch model, weights) with every parity metric and a verdict."""
+    from harness.results import latest
+
+    rows = latest(history)
+    if rows.empty:
+        return ""
+    metrics = [m for m in Parity.metrics if m in set(rows["metric"])]
+    lines = ["### Parity of every reproduction", "", "| model | reference | weights | " + " | ".join(metrics)
+             + " | at parity |", "|---|---|---|" + "---|" * (len(metrics) + 1)]
+    for (model, weights), block in rows.groupby(["model", "weights"], sort=True):
+        values = dict(zip(block["metric"], block["value"]))
+        reference = next((e.get("reference") for e in block["extra"] if isinstance(e, dict)), "-")
+        ok = all(_within(m, v) for m, v in values.items())
+        cells = [f"{values[m]:.3g}" if m in values else "-" for m in metrics] + ["yes" if ok else "**NO**"]
+        lines.append(f"| {model} | {reference} | `{weights}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _within(metric: str, value: float) -> bool:
+    threshold = Parity.metrics[metric].threshold if metric in Parity.metrics else None
+    return value == 1.0 if metric == "greedy_tokens_equal" else threshold is None or value <= threshold
+
 
 @torch.no_grad()
 def logit_diff(model: ModelAdapter, reference: ModelAdapter, inputs: torch.Tensor) -> float:

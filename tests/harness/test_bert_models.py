@@ -19,7 +19,7 @@ PAIRS = (
     ["A man is playing a guitar.", "short", "The cat sat on the mat, and then it slept for a long time."],
     ["Someone plays an instrument.", "a much longer second sentence than the first one", "It slept."],
 )
-CLASSIFIER_PAIRS = [("bert-scratch", "bert-hf"), ("gpt2-scratch", "gpt2-hf")]
+CLASSIFIER_PAIRS = [("bert-scratch", "bert-hf"), ("gpt2-scratch", "gpt2-hf"), ("llama-scratch", "llama-hf")]
 
 
 def build(name: str, weights: str = "random:tiny", seed: int = 0):
@@ -81,7 +81,7 @@ def test_encode_pairs_builds_cls_a_sep_b_sep(tiny_pair):
     assert long["input_ids"].shape == (1, 20)
 
 
-@pytest.mark.parametrize("scratch_name, hf_name", CLASSIFIER_PAIRS, ids=["bert", "gpt2"])
+@pytest.mark.parametrize("scratch_name, hf_name", CLASSIFIER_PAIRS, ids=["bert", "gpt2", "llama"])
 def test_classifiers_identical_before_training(scratch_name, hf_name):
     scratch, hf = build(scratch_name), build(hf_name)
     for num_labels in (1, 3):

@@ -28,9 +28,14 @@ def test_plugins_register_the_gpt2_pair_and_core_tasks():
 
 
 @pytest.mark.parametrize("name", MODELS.names(), ids=str)
-def test_every_scratch_model_names_a_registered_reference(name):
+def test_every_reference_named_is_registered_with_the_same_arch(name):
+    """`<arch>-scratch` names its `<arch>-hf` reference; ladder models (bigram, rnn, ...) have none."""
     info = MODELS.get(name).info
     assert info.impl in ("scratch", "hf")
-    if info.impl == "scratch":
+    if info.impl == "hf":
+        assert info.reference is None
+    if info.reference is not None:
         assert info.reference in MODELS
-        assert MODELS.get(info.reference).arch.name == info.arch
+        assert MODELS.get(info.reference).info.arch == info.arch
+    if name.endswith("-scratch") and f"{info.arch}-hf" in MODELS:
+        assert info.reference == f"{info.arch}-hf"

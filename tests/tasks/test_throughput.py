@@ -1,0 +1,165 @@
+"""The throughput task on the tiny config with tiny grids: rows are well formed, never how fast they are."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness.errors import HarnessError
+from harness.registry import TASKS
+from harness.results import load_results
+from harness.runner import RunPlan, run
+from reproductions.gpt2 import GPT2, GPT2Config
+from tasks.base import make_config
+from tasks.throughput import (
+    PeakMemory,
+    ThroughputConfig,
+    forward_flops_per_token,
+    matmul_params,
+    summary,
+    throughput_section,
+)
+
+TINY_GRID = {"batch_sizes": "1,2", "seq_lens": "8,16,4096", "decode_batch_sizes": "1,2", "prompt_len": "4",
+             "new_tokens": "4", "train_batch_size": "2", "train_seq_len": "16", "repeats": "2",
+             "min_sample_s": "0.002", "matmul_size": "256", "threads": "1"}
+KINDS = ("prefill", "decode", "train")
+
+
+def _run(results_dir: Path, models: list[str], **overrides: str):
+    plan = RunPlan(models=models, tasks=["throughput"], weights="random:tiny", seed=0,
+                   results_dir=str(results_dir), overrides={"throughput": {**TINY_GRID, **overrides}})
+    store, failures = run(plan)
+    assert failures == []
+    return store
+
+
+@pytest.fixture(scope="module")
+def pair_run(tmp_path_factory):
+    threads = torch.get_num_threads()
+    results = tmp_path_factory.mktemp("throughput")
+    store = _run(results, ["gpt2-scratch", "gpt2-hf"])
+    assert torch.get_num_threads() == threads  # throughput.threads is restored afterwards
+    return results, store.rows
+
+
+def _by(rows, model):
+    return {(r.subtask, r.metric): r for r in rows if r.model == model}
+
+
+def test_grid_points_are_the_subtasks(pair_run):
+    _, rows = pair_run
+    subtasks = {r.subtask for r in rows if r.model == "gpt2-scratch" and r.metric.endswith("tokens_per_s")}
+    assert subtasks == {"prefill b=1 t=8", "prefill b=1 t=16", "prefill b=2 t=8", "prefill b=2 t=16",
+                        "decode b=1 prompt=4 new=4", "decode b=2 prompt=4 new=4", "train b=2 t=16"}  # t=4096 > max
+
+
+def test_every_scratch_measurement_has_a_ratio_row(pair_run):
+    _, rows = pair_run
+    ours = _by(rows, "gpt2-scratch")
+    speeds = [(s, m) for s, m in ours if m.endswith("_tokens_per_s")]
+    assert speeds
+    for subtask, metric in speeds:
+        ratio = ours[subtask, f"{metric}_ratio"]
+        assert ratio.value > 0 and ratio.higher_is_better
+        assert ratio.extra["reference"] == "gpt2-hf"
+        assert math.isclose(ours[subtask, metric].extra["ratio_vs_reference"], ratio.value)
+        assert ratio.extra["q1"] <= ratio.value <= ratio.extra["q3"]
+
+
+def test_reference_rows_were_measured_beside_the_scratch_model(pair_run):
+    _, rows = pair_run
+    ours, theirs = _by(rows, "gpt2-scratch"), _by(rows, "gpt2-hf")
+    assert not any(m.endswith("_ratio") for _, m in theirs)
+    assert {k for k in ours if not k[1].endswith("_ratio")} == set(theirs)
+    for subtask, metric in ours:
+        if metric.endswith("_tokens_per_s"):
+            assert theirs[subtask, metric].extra["measured_beside"] == "gpt2-scratch"
+            assert ours[subtask, f"{metric}_ratio"].extra["reference_value"] == theirs[subtask, metric].value
+
+
+def test_mfu_and_peaks_are_plausible(pair_run):
+    _, rows = pair_run
+    mfu = [r for r in rows if r.metric == "mfu"]
+    assert {r.subtask.split()[0] for r in mfu} == {"prefill", "train"}  # decode is memory bound: no mfu
+    assert all(0 < r.value < 1.5 for r in mfu)
+    peaks = [r for r in rows if r.metric == "matmul_peak_flops" and r.model == "gpt2-scratch"]
+    assert peaks[0].subtask == "matmul fp32 n=256" and all(r.value > 0 for r in peaks)
+    assert all(r.extra["threads"] == 1 for r in rows if "threads" in r.extra)
+
+
+def test_memory_rows(pair_run):
+    _, rows = pair_run
+    memory = {r.subtask: r.value for r in rows if r.metric == "peak_memory_mb" and r.model == "gpt2-scratch"}
+    if not Path("/proc/self/status").exists():
+        pytest.skip("peak memory is read from /proc")
+    assert set(memory) >= {"train b=2 t=16", "prefill b=1 t=8"} and all(v >= 0 for v in memory.values())
+    assert memory["train b=2 t=16"] > 0  # a model copy and AdamW state at least
+
+
+def test_reference_alone_is_measured_on_its_own(tmp_path):
+    rows = _run(tmp_path, ["gpt2-hf"], batch_sizes="1", seq_lens="8", decode_batch_sizes="1", clock="cpu").rows
+    metrics = {r.metric for r in rows}
+    assert {"prefill_tokens_per_s", "decode_tokens_per_s", "train_tokens_per_s", "mfu"} <= metrics
+    assert not any(m.endswith("_ratio") for m in metrics)
+    assert all(r.extra.get("measured_beside") is None for r in rows)
+
+
+def test_tuple_grids_parse_from_set_values():
+    cfg = make_config(TASKS.get("throughput"), {"batch_sizes": "1, 8", "seq_lens": "128,512,1024", "lm_eval": "true"})
+    assert cfg.batch_sizes == (1, 8) and cfg.seq_lens == (128, 512, 1024) and cfg.lm_eval is True
+    assert ThroughputConfig().decode_batch_sizes == (1, 8)
+
+
+@pytest.mark.parametrize("overrides", [{"batch_sizes": "0,1"}, {"seq_lens": ","}, {"repeats": "0"},
+                                       {"threads": "-1"}], ids=["zero-batch", "empty-grid", "no-repeats", "threads"])
+def test_bad_grids_are_one_line_errors(overrides):
+    with pytest.raises(HarnessError, match="throughput"):
+        make_config(TASKS.get("throughput"), overrides)
+
+
+def test_flops_per_token_counts_the_unembedding_once():
+    cfg = GPT2Config.from_name("gpt2")
+    with torch.device("meta"):
+        module = GPT2(cfg)
+    n = matmul_params(module, cfg.vocab_size, cfg.n_embd)
+    assert n == 124_439_808 - cfg.block_size * cfg.n_embd  # all but the position table; wte is the head
+    assert forward_flops_per_token(n, 12, 768, 1024) == 2 * n + 2 * 12 * 1024 * 768
+
+
+def test_summary_quartiles():
+    s = summary([4.0, 1.0, 3.0, 2.0, 5.0])
+    assert (s["median"], s["q1"], s["q3"], s["min"], s["max"]) == (3.0, 2.0, 4.0, 1.0, 5.0)
+    assert summary([7.0])["q3"] == 7.0
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="peak RSS is read from /proc")
+def test_peak_memory_sees_a_50mb_tensor():
+    with PeakMemory(torch.device("cpu")) as memory:
+        x = torch.ones(50 * 2**20 // 4)
+        del x
+    assert memory.growth_mb >= 45
+
+
+def test_report_section_writes_a_ratio_table_and_a_plot(pair_run, tmp_path):
+    results, _ = pair_run
+    md = throughput_section(load_results(results), tmp_path / "figures", tmp_path)
+    assert "| gpt2-scratch | gpt2-hf | `random:tiny` | prefill b=1 t=8 | prefill tokens/s |" in md
+    assert "| decode b=2 prompt=4 new=4 | decode tokens/s |" in md and "| train tokens/s |" in md
+    assert "peak memory MB (lower is better)" in md and "| train b=2 t=16 |" in md  # the MFU table
+    assert (tmp_path / "figures" / "throughput_prefill.png").stat().st_size > 0
+    assert "](figures/throughput_prefill.png)" in md
+
+
+@pytest.mark.slow
+def test_ppl_against_lm_eval_scores_the_same_documents(tmp_path):
+    pytest.importorskip("lm_eval")
+    rows = _run(tmp_path, ["gpt2-scratch", "gpt2-hf"], batch_sizes="1", seq_lens="8", decode_batch_sizes="1",
+                lm_eval="true", lm_eval_docs="1").rows
+    ours = next(r for r in rows if r.metric == "ppl_tokens_per_s" and r.model == "gpt2-scratch")
+    assert math.isclose(ours.extra["word_perplexity_ours"], ours.extra["word_perplexity_lm_eval"], rel_tol=1e-4)
+    assert any(r.metric == "ppl_tokens_per_s_ratio" for r in rows)
+    assert any(r.metric == "ppl_tokens_per_s" and r.model == "gpt2-hf" for r in rows)
