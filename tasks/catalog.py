@@ -1,3 +1,13 @@
 """Importing this module registers every task with harness.registry.TASKS."""
 
-from tasks import autograd_fit, char_ppl, glue, ngram_rules, parity, ppl, seq2seq, throughput, tokenizer_tasks  # noqa: F401  # noqa: F401  # noqa: F401
+from tasks import (  # noqa: F401
+    autograd_fit,
+    char_ppl,
+    glue,
+    ngram_rules,
+    parity,
+    ppl,
+    seq2seq,
+    throughput,
+    tokenizer_tasks,
+)

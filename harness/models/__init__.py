@@ -1,10 +1,3 @@
-"""Model registrations: importing this package registers every `<arch>-scratch` / `<arch>-hf` pair."""
+"""Model registrations: importing this package registers every model with harness.registry.MODELS."""
 
-from harness.models import (  # noqa: F401  # noqa: F401
-    bert,
-    charlm,  # noqa: F401
-    decoders,
-    gpt2,
-    seq2seq,
-    tokenizers_pair,
-)
+from harness.models import bert, charlm, decoders, gpt2, seq2seq, tokenizers_pair  # noqa: F401
