@@ -462,12 +462,12 @@ class Trainer:
                     if callback is not None:
                         callback(self.step, self.adapter)
                     self._one_step(progress, bar)
+            return self._finish()
         except KeyboardInterrupt:
             self.save()
             self.console.print(f"interrupted after step {self.step}; checkpoint in '{self.out}' "
                                "(continue with --resume)", markup=False)
             raise
-        return self._finish()
 
     def _one_step(self, progress: Progress, bar) -> None:
         start = time.perf_counter()

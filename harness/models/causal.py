@@ -168,6 +168,8 @@ class HFCausalLM(DecoderClassification, ModelAdapter):
             max_new_tokens=max_new_tokens, do_sample=temperature > 0, eos_token_id=None,
             pad_token_id=self.tokenizer.pad_id, **_sampling_kwargs(temperature, top_k, top_p),
         )
+        # transformers fills an unset eos id from the model's own generation_config: clear it there too.
+        self.module.generation_config.eos_token_id = None
         torch.manual_seed(seed)
         idx = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
         with torch.no_grad():

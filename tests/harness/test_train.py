@@ -35,7 +35,7 @@ from harness.train import (
     train_report_section,
 )
 
-PARITY_ATOL = 1e-4  # per-step |loss_scratch - loss_hf| allowed over 50 steps (measured: ~1e-6)
+PARITY_ATOL = 1e-4  # per-step |loss_scratch - loss_hf| allowed over 50 steps (measured: 1.9e-6)
 TINY = TrainConfig(
     steps=6,
     batch_size=2,

@@ -1,0 +1,43 @@
+import torch
+
+from harness.registry import MODELS, load_plugins
+from harness.weights import load_weights
+
+load_plugins()
+
+
+def _pair():
+    spec = MODELS.get("gpt2-hf")
+    weights = load_weights(spec.arch, "random:tiny", seed=0)
+    eot = weights.tokenizer.eot_id
+    row = weights.state_dict["transformer.wte.weight"][eot]
+    # a final-LayerNorm bias along the <|endoftext|> embedding adds +50 to its logit: it wins everywhere
+    weights.state_dict["transformer.ln_f.bias"] = 50 * row / row.norm() ** 2
+    return MODELS.get("gpt2-scratch").build(weights, "cpu"), spec.build(weights, "cpu"), eot
+
+
+def test_generation_does_not_stop_at_end_of_text():
+    scratch, hf, eot = _pair()
+    prompt = scratch.tokenizer.encode("Hello world")
+    ours, theirs = scratch.generate(prompt, 5), hf.generate(prompt, 5)
+    assert len(ours) == len(theirs) == 5
+    assert ours == theirs
+    assert eot in theirs
+
+
+def test_sampling_is_reproducible_from_the_seed():
+    scratch, hf, _ = _pair()
+    prompt = scratch.tokenizer.encode("Once upon a time")
+    for model in (scratch, hf):
+        a = model.generate(prompt, 8, temperature=1.0, top_k=50, seed=3)
+        b = model.generate(prompt, 8, temperature=1.0, top_k=50, seed=3)
+        assert a == b and len(a) == 8
+
+
+def test_token_logprobs_are_normalised():
+    scratch, _, _ = _pair()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    logits = scratch.logits(ids)
+    assert torch.allclose(logits.log_softmax(-1).exp().sum(-1), torch.ones(1, 4), atol=1e-5)
+    lp = scratch.token_logprobs(ids[:, :-1], ids[:, 1:])
+    assert lp.shape == (1, 3) and (lp <= 0).all()
