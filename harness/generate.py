@@ -60,24 +60,28 @@ def continuation(model: ModelAdapter, prompt: str, cfg: GenerateConfig) -> str:
     if room < 1:
         raise HarnessError(f"the prompt is {len(ids)} tokens; {model.name} sees at most {model.max_length}")
     if cfg.max_new_tokens > room:
-        raise HarnessError(f"prompt ({len(ids)} tokens) + --max-new-tokens {cfg.max_new_tokens} exceeds "
-                           f"{model.name}'s context of {model.max_length}; "
-                           f"use --max-new-tokens {room} or less")
-    new = model.generate(ids, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                         top_p=cfg.top_p, seed=cfg.seed)
+        raise HarnessError(
+            f"prompt ({len(ids)} tokens) + --max-new-tokens {cfg.max_new_tokens} exceeds "
+            f"{model.name}'s context of {model.max_length}; "
+            f"use --max-new-tokens {room} or less"
+        )
+    new = model.generate(
+        ids, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed
+    )
     return model.tokenizer.decode(new)
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("generate", help="continue a prompt with a model (greedy or seeded sampling)",
-                       description="Print the continuation of --prompt by --model on --weights.")
+    p = sub.add_parser(
+        "generate",
+        help="continue a prompt with a model (greedy or seeded sampling)",
+        description="Print the continuation of --prompt by --model on --weights.",
+    )
     p.add_argument("--model", required=True, help="registry name, e.g. gpt2-scratch or gpt2-hf")
-    p.add_argument("--weights", default=None,
-                   help="random[:SIZE] | alias | HF-format dir (default: the model's)")
+    p.add_argument("--weights", default=None, help="random[:SIZE] | alias | HF-format dir (default: the model's)")
     p.add_argument("--prompt", required=True, help="text to continue ('' starts from <|endoftext|>)")
     p.add_argument("--max-new-tokens", type=int, default=GenerateConfig.max_new_tokens)
-    p.add_argument("--temperature", type=float, default=GenerateConfig.temperature,
-                   help="0 (default): greedy")
+    p.add_argument("--temperature", type=float, default=GenerateConfig.temperature, help="0 (default): greedy")
     p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (and init seed for random weights)")
@@ -88,9 +92,12 @@ def add_parser(sub) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     cfg = GenerateConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
     model = load_model(args.model, args.weights, args.seed, args.device)
-    Console(stderr=True).print(f"{model.name} on weights {model.weights.identity} "
-                               f"({'greedy' if cfg.temperature == 0 else f'sampling, seed {cfg.seed}'})",
-                               highlight=False, markup=False)
+    Console(stderr=True).print(
+        f"{model.name} on weights {model.weights.identity} "
+        f"({'greedy' if cfg.temperature == 0 else f'sampling, seed {cfg.seed}'})",
+        highlight=False,
+        markup=False,
+    )
     sys.stdout.write(continuation(model, args.prompt, cfg) + "\n")
     sys.stdout.flush()
     return 0

@@ -58,8 +58,7 @@ TASK_VERSION = "1.0"
 DATA_DIR = Path(__file__).resolve().parent.parent / "tasks" / "data"
 STATE_FILE = "train_state.pt"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-HIGHER_IS_BETTER = {"train_loss": False, "val_loss": False, "val_perplexity": False,
-                    "tokens_per_second": True}
+HIGHER_IS_BETTER = {"train_loss": False, "val_loss": False, "val_perplexity": False, "tokens_per_second": True}
 
 
 def _f(default: Any, help: str) -> Any:
@@ -87,11 +86,19 @@ class TrainConfig:
     seed: int = _f(0, "initialisation, batch order and dropout")
     device: str = _f("cpu", "cpu or cuda")
     save_dtype: Literal["float32", "float16", "bfloat16"] = _f(
-        "float32", "dtype of model.safetensors (config.json says float32: loading upcasts)")
+        "float32", "dtype of model.safetensors (config.json says float32: loading upcasts)"
+    )
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "block_size", "grad_accum", "eval_interval", "eval_batches",
-                     "log_interval"):
+        for name in (
+            "steps",
+            "batch_size",
+            "block_size",
+            "grad_accum",
+            "eval_interval",
+            "eval_batches",
+            "log_interval",
+        ):
             if getattr(self, name) < 1:
                 raise HarnessError(f"train.{name}={getattr(self, name)}: must be at least 1")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -199,8 +206,10 @@ def build_model(run: TrainRun, cfg: TrainConfig, saved: dict | None = None) -> M
     adapter = spec.build(_with_dropout(weights, cfg.dropout), cfg.device)
     adapter.require(Capability.TRAIN, task=TASK)
     if cfg.block_size > adapter.max_length:
-        raise HarnessError(f"train.block_size={cfg.block_size} exceeds {run.model}'s context of "
-                           f"{adapter.max_length}; lower --block-size")
+        raise HarnessError(
+            f"train.block_size={cfg.block_size} exceeds {run.model}'s context of "
+            f"{adapter.max_length}; lower --block-size"
+        )
     return adapter
 
 
@@ -224,8 +233,11 @@ def _random_gpt2(spec: ModelSpec, size: str, cfg: TrainConfig, overrides: dict[s
 
     if size not in gpt2.name_to_config:
         raise UnknownNameError(f"unknown gpt2 size '{size}'; known sizes: {', '.join(gpt2.name_to_config)}")
-    fields = {k: v for k, v in config_fields(gpt2.GPT2Config).items()
-              if k not in ("vocab_size", "block_size", "dropout", "bias")}
+    fields = {
+        k: v
+        for k, v in config_fields(gpt2.GPT2Config).items()
+        if k not in ("vocab_size", "block_size", "dropout", "bias")
+    }
     for key in overrides:
         if key not in fields:
             known = ", ".join(f"model.{k}" for k in fields)
@@ -233,8 +245,9 @@ def _random_gpt2(spec: ModelSpec, size: str, cfg: TrainConfig, overrides: dict[s
     values = {k: coerce(v, fields[k], f"model.{k}") for k, v in overrides.items()}
     tokenizer = spec.arch.tokenizer()
     try:
-        config = gpt2.GPT2Config.from_name(size, vocab_size=tokenizer.vocab_size, block_size=cfg.block_size,
-                                           dropout=cfg.dropout, **values).to_hf()
+        config = gpt2.GPT2Config.from_name(
+            size, vocab_size=tokenizer.vocab_size, block_size=cfg.block_size, dropout=cfg.dropout, **values
+        ).to_hf()
     except ValueError as e:
         raise HarnessError(f"gpt2 size {size} with {overrides}: {e}") from e
     config.bos_token_id = config.eos_token_id = tokenizer.eot_id
@@ -246,8 +259,7 @@ def _random_gpt2(spec: ModelSpec, size: str, cfg: TrainConfig, overrides: dict[s
 
 def _with_dropout(weights: Weights, rate: float) -> Weights:
     config = copy.deepcopy(weights.hf_config)
-    for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout_prob",
-                 "attention_probs_dropout_prob"):
+    for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout_prob", "attention_probs_dropout_prob"):
         if hasattr(config, name):
             setattr(config, name, rate)
     return dataclasses.replace(weights, hf_config=config)
@@ -256,8 +268,7 @@ def _with_dropout(weights: Weights, rate: float) -> Weights:
 def _resume_weights(spec: ModelSpec, run: TrainRun, saved: dict) -> Weights:
     weights = load_weights(spec.arch, run.out, saved["config"]["seed"])
     state = saved.get("model_fp32") or weights.state_dict
-    return dataclasses.replace(weights, identity=saved["init_identity"], sha256=saved["init_sha256"],
-                               state_dict=state)
+    return dataclasses.replace(weights, identity=saved["init_identity"], sha256=saved["init_sha256"], state_dict=state)
 
 
 def make_optimizer(module: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -290,8 +301,9 @@ def save_model(out: Path, adapter: ModelAdapter, dtype: str) -> dict[str, torch.
     state = hf_state(adapter)
     config = copy.deepcopy(adapter.weights.hf_config)
     tied = getattr(config, "tie_word_embeddings", False)
-    tensors = {k: v.to("cpu", DTYPES[dtype]).contiguous() for k, v in state.items()
-               if not (tied and k == "lm_head.weight")}  # the tied head is wte
+    tensors = {
+        k: v.to("cpu", DTYPES[dtype]).contiguous() for k, v in state.items() if not (tied and k == "lm_head.weight")
+    }  # the tied head is wte
     config.dtype = "float32"  # transformers 5 loads with dtype="auto": this makes it upcast to fp32
     config.save_pretrained(out)
     save_file(tensors, str(out / "model.safetensors.tmp"), metadata={"format": "pt"})
@@ -314,8 +326,9 @@ def read_state(out: Path) -> dict:
 class Trainer:
     """One training run: model, data, optimizer, RNG state, progress, rows and checkpoints."""
 
-    def __init__(self, run: TrainRun, cfg: TrainConfig, console: Console | None = None,
-                 saved: dict | None = None) -> None:
+    def __init__(
+        self, run: TrainRun, cfg: TrainConfig, console: Console | None = None, saved: dict | None = None
+    ) -> None:
         self.run, self.cfg = run, cfg
         self.console = console or Console(stderr=True)
         self.out = Path(run.out)
@@ -360,10 +373,18 @@ class Trainer:
         state = save_model(self.out, self.adapter, self.cfg.save_dtype)
         gen, cpu, cuda = self._rng
         payload = {
-            "step": self.step, "optimizer": self.optimizer.state_dict(), "generator": gen, "torch_rng": cpu,
-            "cuda_rng": cuda, "config": asdict(self.cfg), "run": asdict(self.run),
-            "train_losses": self.train_losses, "val_losses": self.val_losses, "train_id": self.train_id,
-            "init_identity": self.init_identity, "init_sha256": self.init_sha,
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "generator": gen,
+            "torch_rng": cpu,
+            "cuda_rng": cuda,
+            "config": asdict(self.cfg),
+            "run": asdict(self.run),
+            "train_losses": self.train_losses,
+            "val_losses": self.val_losses,
+            "train_id": self.train_id,
+            "init_identity": self.init_identity,
+            "init_sha256": self.init_sha,
         }
         if self.cfg.save_dtype != "float32":  # exact resume needs the fp32 weights
             payload["model_fp32"] = {k: v.to("cpu", torch.float32).clone() for k, v in state.items()}
@@ -394,8 +415,11 @@ class Trainer:
         return total
 
     def _nan_message(self, loss: float) -> str:
-        kept = (f"the last good checkpoint (step {self.saved_step}) in '{self.out}' is kept"
-                if self.saved_step is not None else "no checkpoint had been written yet")
+        kept = (
+            f"the last good checkpoint (step {self.saved_step}) in '{self.out}' is kept"
+            if self.saved_step is not None
+            else "no checkpoint had been written yet"
+        )
         return f"train: loss became {loss} at step {self.step + 1}; stopped, {kept}; try a lower --lr"
 
     @torch.no_grad()
@@ -412,41 +436,68 @@ class Trainer:
 
     # rows --------------------------------------------------------------------------------------
     def write(self, metric: str, value: float, **extra: Any) -> None:
-        m = Metric(metric, float(value), HIGHER_IS_BETTER[metric], n=None,
-                   extra={"step": self.step, "train_id": self.train_id, "out": str(self.run.out), **extra})
+        m = Metric(
+            metric,
+            float(value),
+            HIGHER_IS_BETTER[metric],
+            n=None,
+            extra={"step": self.step, "train_id": self.train_id, "out": str(self.run.out), **extra},
+        )
         self.store.append(self._row(m))
 
     def _row(self, m: Metric) -> ResultRow:
         prov = provenance()
-        config = {"train": asdict(self.cfg), "data": self.run.data, "init": self.init_identity,
-                  "model_overrides": dict(self.run.model_overrides),
-                  "params": _num_params(self.adapter.module)}
+        config = {
+            "train": asdict(self.cfg),
+            "data": self.run.data,
+            "init": self.init_identity,
+            "model_overrides": dict(self.run.model_overrides),
+            "params": _num_params(self.adapter.module),
+        }
         subtask = self.run.data if self.run.data in ("tinyshakespeare", "wikitext2") else "file"
         return ResultRow(
-            model=self.adapter.name, weights=self.init_identity, weights_sha256=self.init_sha, task=TASK,
-            task_version=TASK_VERSION, subtask=subtask, metric=m.metric, value=m.value, n=m.n, stderr=None,
+            model=self.adapter.name,
+            weights=self.init_identity,
+            weights_sha256=self.init_sha,
+            task=TASK,
+            task_version=TASK_VERSION,
+            subtask=subtask,
+            metric=m.metric,
+            value=m.value,
+            n=m.n,
+            stderr=None,
             higher_is_better=m.higher_is_better,
-            config=config, seed=self.cfg.seed, run_id=self.store.run_id, created_at=now_iso(),
-            git_sha=prov["git_sha"], git_dirty=prov["git_dirty"], harness_version=prov["harness_version"],
-            torch_version=prov["torch_version"], transformers_version=prov["transformers_version"],
-            device=str(self.adapter.device), wall_seconds=round(self.train_seconds, 3), extra=m.extra,
+            config=config,
+            seed=self.cfg.seed,
+            run_id=self.store.run_id,
+            created_at=now_iso(),
+            git_sha=prov["git_sha"],
+            git_dirty=prov["git_dirty"],
+            harness_version=prov["harness_version"],
+            torch_version=prov["torch_version"],
+            transformers_version=prov["transformers_version"],
+            device=str(self.adapter.device),
+            wall_seconds=round(self.train_seconds, 3),
+            extra=m.extra,
         )
 
     def log_val(self) -> float:
         loss = self.evaluate()
         self.val_losses[self.step] = loss
         self.write("val_loss", loss)
-        recent = self.train_losses[-self.cfg.log_interval:]
+        recent = self.train_losses[-self.cfg.log_interval :]
         train = f"train loss {sum(recent) / len(recent):.4f}, " if recent else ""
-        self.console.print(f"step {self.step}: {train}val loss {loss:.4f}, {self._tps():,.0f} tokens/s",
-                           highlight=False, markup=False)  # a plain line: readable in CI logs too
+        self.console.print(
+            f"step {self.step}: {train}val loss {loss:.4f}, {self._tps():,.0f} tokens/s", highlight=False, markup=False
+        )  # a plain line: readable in CI logs too
         return loss
 
     def log_train(self) -> None:
         k = self.step % self.cfg.log_interval or self.cfg.log_interval
         recent = self.train_losses[-k:]
-        self.write("train_loss", sum(recent) / len(recent), steps_averaged=len(recent),
-                   lr=lr_at(self.step - 1, self.cfg))
+        self.write(
+            "train_loss", sum(recent) / len(recent), steps_averaged=len(recent), lr=lr_at(self.step - 1, self.cfg)
+        )
 
     # the run -----------------------------------------------------------------------------------
     def fit(self, callback: Callable[[int, ModelAdapter], None] | None = None) -> TrainResult:
@@ -456,8 +507,14 @@ class Trainer:
             self.log_val()
         try:
             with _progress(self.console) as progress:
-                bar = progress.add_task(f"train {self.adapter.name}", total=self.cfg.steps,
-                                        completed=self.step, loss=float("nan"), lr=0.0, tps=0.0)
+                bar = progress.add_task(
+                    f"train {self.adapter.name}",
+                    total=self.cfg.steps,
+                    completed=self.step,
+                    loss=float("nan"),
+                    lr=0.0,
+                    tps=0.0,
+                )
                 while self.step < self.cfg.steps:
                     if callback is not None:
                         callback(self.step, self.adapter)
@@ -465,8 +522,9 @@ class Trainer:
             return self._finish()
         except KeyboardInterrupt:
             self.save()
-            self.console.print(f"interrupted after step {self.step}; checkpoint in '{self.out}' "
-                               "(continue with --resume)", markup=False)
+            self.console.print(
+                f"interrupted after step {self.step}; checkpoint in '{self.out}' (continue with --resume)", markup=False
+            )
             raise
 
     def _one_step(self, progress: Progress, bar) -> None:
@@ -477,8 +535,7 @@ class Trainer:
         self.train_seconds += time.perf_counter() - start
         self.tokens_done += self.cfg.batch_size * self.cfg.block_size * self.cfg.grad_accum
         self.train_losses.append(loss)
-        progress.update(bar, completed=self.step, loss=loss, lr=lr_at(self.step - 1, self.cfg),
-                        tps=self._tps())
+        progress.update(bar, completed=self.step, loss=loss, lr=lr_at(self.step - 1, self.cfg), tps=self._tps())
         if self.step % self.cfg.log_interval == 0 or self.step == self.cfg.steps:
             self.log_train()
         if self.step % self.cfg.eval_interval == 0 and self.step < self.cfg.steps:
@@ -492,13 +549,14 @@ class Trainer:
         if self.step not in self.val_losses:
             self.log_val()
         val = self.val_losses[self.step]
-        self.write("tokens_per_second", self._tps(), tokens=self.tokens_done,
-                   seconds=round(self.train_seconds, 3))
+        self.write("tokens_per_second", self._tps(), tokens=self.tokens_done, seconds=round(self.train_seconds, 3))
         self.write("val_perplexity", math.exp(val), val_loss=val)
         self.save()
-        self.console.print(f"done: step {self.step}, val loss {val:.4f} (perplexity {math.exp(val):.2f}), "
-                           f"{self._tps():.0f} tokens/s; checkpoint -> {self.out}; rows -> {self.store.path}",
-                           markup=False)
+        self.console.print(
+            f"done: step {self.step}, val loss {val:.4f} (perplexity {math.exp(val):.2f}), "
+            f"{self._tps():.0f} tokens/s; checkpoint -> {self.out}; rows -> {self.store.path}",
+            markup=False,
+        )
         return TrainResult(self.train_losses, self.val_losses, self._tps(), self.out)
 
     def _announce(self) -> None:
@@ -506,7 +564,9 @@ class Trainer:
         self.console.print(
             f"train {self.adapter.name} ({n:,} parameters, init {self.init_identity}) on {d.description}: "
             f"{len(d.train):,} train / {len(d.val):,} val tokens; step {self.step} of {self.cfg.steps}",
-            highlight=False, markup=False)
+            highlight=False,
+            markup=False,
+        )
 
 
 def _num_params(module: torch.nn.Module) -> int:
@@ -516,20 +576,32 @@ def _num_params(module: torch.nn.Module) -> int:
 def _check_data(data: TokenData, cfg: TrainConfig) -> None:
     for name, ids in (("train", data.train), ("validation", data.val)):
         if len(ids) <= cfg.block_size + 1:
-            raise HarnessError(f"the {name} split has {len(ids)} tokens, too few for block_size "
-                               f"{cfg.block_size}; use more text or a smaller --block-size")
+            raise HarnessError(
+                f"the {name} split has {len(ids)} tokens, too few for block_size "
+                f"{cfg.block_size}; use more text or a smaller --block-size"
+            )
 
 
 def _progress(console: Console) -> Progress:
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:,.0f} tok/s"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
     )
 
 
-def train(run: TrainRun, cfg: TrainConfig, console: Console | None = None, resume: bool = False,
-          callback: Callable[[int, ModelAdapter], None] | None = None) -> TrainResult:
+def train(
+    run: TrainRun,
+    cfg: TrainConfig,
+    console: Console | None = None,
+    resume: bool = False,
+    callback: Callable[[int, ModelAdapter], None] | None = None,
+) -> TrainResult:
     """Train (or continue, with resume=True, the run checkpointed in run.out) and return the curves."""
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise HarnessError("--device cuda: no CUDA device is available here; use --device cpu")
@@ -568,23 +640,36 @@ def split_overrides(items: list[str]) -> tuple[dict[str, str], dict[str, str]]:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("train", help="train gpt2-scratch or gpt2-hf; HF-format checkpoints and result rows",
-                       description="Train a causal LM from a random init (--size) or from --weights.")
+    p = sub.add_parser(
+        "train",
+        help="train gpt2-scratch or gpt2-hf; HF-format checkpoints and result rows",
+        description="Train a causal LM from a random init (--size) or from --weights.",
+    )
     p.add_argument("--model", help="gpt2-scratch or gpt2-hf (any model that can 'train')")
     p.add_argument("--size", help="named size for a random init (default: the architecture's, gpt2: tiny)")
     p.add_argument("--weights", help="start from these weights: random[:SIZE] | alias | HF-format dir")
     p.add_argument("--data", help="tinyshakespeare | wikitext2 | PATH to a UTF-8 text file")
-    p.add_argument("--out", required=True,
-                   help="checkpoint directory (config.json, model.safetensors, train_state.pt)")
+    p.add_argument("--out", required=True, help="checkpoint directory (config.json, model.safetensors, train_state.pt)")
     p.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
     p.add_argument("--results-dir", default=None, help="where result rows are appended (default results/)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SCOPE.KEY=VALUE",
-                   help="train.KEY=VALUE: a hyperparameter; model.KEY=VALUE: a GPT2Config field of a random "
-                        "init, e.g. model.n_embd=128 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SCOPE.KEY=VALUE",
+        help="train.KEY=VALUE: a hyperparameter; model.KEY=VALUE: a GPT2Config field of a random "
+        "init, e.g. model.n_embd=128 (repeatable)",
+    )
     for f in dataclasses.fields(TrainConfig):
-        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f"train_{f.name}", default=None,
-                       metavar=f.name.upper(), help=f"{f.metadata['help']} (default {_show(f.default)})")
+        p.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            dest=f"train_{f.name}",
+            default=None,
+            metavar=f.name.upper(),
+            help=f"{f.metadata['help']} (default {_show(f.default)})",
+        )
     p.set_defaults(func=cmd_train)
 
 
@@ -604,8 +689,15 @@ def run_from_args(args: argparse.Namespace, saved: dict | None) -> tuple[TrainRu
         return _resumed_run(args, saved, model_kv), cfg
     if not args.model or not args.data:
         raise HarnessError("harness train needs --model and --data (or --resume with an existing --out)")
-    run = TrainRun(model=args.model, data=args.data, out=args.out, size=args.size, weights=args.weights,
-                   model_overrides=tuple(sorted(model_kv.items())), results_dir=args.results_dir or "results")
+    run = TrainRun(
+        model=args.model,
+        data=args.data,
+        out=args.out,
+        size=args.size,
+        weights=args.weights,
+        model_overrides=tuple(sorted(model_kv.items())),
+        results_dir=args.results_dir or "results",
+    )
     return run, cfg
 
 
@@ -660,18 +752,35 @@ def _step(rows: pd.DataFrame) -> pd.Series:
 
 
 def _runs_table(rows: pd.DataFrame) -> str:
-    lines = ["| model | init | data | steps | final val loss | val perplexity | tokens/s | recipe |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | init | data | steps | final val loss | val perplexity | tokens/s | recipe |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for _, run in rows.assign(train_id=_train_id(rows)).groupby("train_id", sort=True):
         last = run.iloc[-1]
         value = _last_value_getter(run)
         t = last["config"].get("train", {}) if isinstance(last["config"], dict) else {}
-        recipe = ", ".join(f"{k}={_show(tuple(v) if isinstance(v, list) else v)}" for k, v in t.items()
-                           if k in ("steps", "batch_size", "block_size", "grad_accum", "lr", "min_lr",
-                                    "warmup_steps", "weight_decay", "dropout"))
-        lines.append(f"| {last['model']} | `{last['weights']}` | {last['config'].get('data', '')} | "
-                     f"{_step(run).max()} | {value('val_loss'):.4f} | {value('val_perplexity'):.2f} | "
-                     f"{value('tokens_per_second'):.0f} | {recipe} |")
+        recipe = ", ".join(
+            f"{k}={_show(tuple(v) if isinstance(v, list) else v)}"
+            for k, v in t.items()
+            if k
+            in (
+                "steps",
+                "batch_size",
+                "block_size",
+                "grad_accum",
+                "lr",
+                "min_lr",
+                "warmup_steps",
+                "weight_decay",
+                "dropout",
+            )
+        )
+        lines.append(
+            f"| {last['model']} | `{last['weights']}` | {last['config'].get('data', '')} | "
+            f"{_step(run).max()} | {value('val_loss'):.4f} | {value('val_perplexity'):.2f} | "
+            f"{value('tokens_per_second'):.0f} | {recipe} |"
+        )
     return "\n".join(lines)
 
 
@@ -712,8 +821,9 @@ def _training_parity(rows: pd.DataFrame) -> str:
     """max |train_loss difference| over shared steps for scratch/HF runs with the same init and recipe."""
     losses = rows[rows["metric"] == "train_loss"].assign(step=_step(rows), train_id=_train_id(rows))
     parts = losses["model"].str.rpartition("-")
-    losses = losses.assign(recipe=losses["config"].map(lambda c: repr(sorted(c.get("train", {}).items()))),
-                           arch=parts[0], impl=parts[2])
+    losses = losses.assign(
+        recipe=losses["config"].map(lambda c: repr(sorted(c.get("train", {}).items()))), arch=parts[0], impl=parts[2]
+    )
     lines = []
     for (arch, sha, _), group in losses.groupby(["arch", "weights_sha256", "recipe"], sort=True):
         curves = {impl: g.groupby("step")["value"].last() for impl, g in group.groupby("impl")}
