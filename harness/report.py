@@ -59,10 +59,19 @@ def task_section(task: str, newest: pd.DataFrame, history: pd.DataFrame, fig_dir
         plot = plot_task(task, weights, block, fig_dir)
         if plot is not None:
             lines += [f"![{task} {weights}]({plot.relative_to(out_path.parent).as_posix()})", ""]
-    custom = getattr(cls, "report_section", None)
+    custom = getattr(cls, "report_section", None) or _command_section(task)
     if custom is not None:
         lines.append(custom(history, fig_dir, out_path.parent) or "")
     return "\n".join(lines)
+
+
+def _command_section(task: str):
+    """Rows written by a command rather than `harness run` (e.g. `harness train`) have their section there."""
+    if task == "train":
+        from harness.train import train_report_section
+
+        return train_report_section
+    return None
 
 
 def side_by_side(block: pd.DataFrame) -> str:
@@ -90,11 +99,13 @@ def pairs_table(task: str, block: pd.DataFrame) -> str:
         ours = block[block["model"] == scratch].set_index(["subtask", "metric"])
         theirs = block[block["model"] == reference].set_index(["subtask", "metric"]) if reference else None
         for key, row in ours.iterrows():
-            rows.append(_pair_row(task, scratch, reference, key, row, theirs))
+            line = _pair_row(task, scratch, reference, key, row, theirs)
+            if line is not None:
+                rows.append(line)
     return "\n".join(rows) if len(rows) > 2 else "_no scratch/reference pair on these weights_"
 
 
-def _pair_row(task, scratch, reference, key, row, theirs) -> str:
+def _pair_row(task, scratch, reference, key, row, theirs) -> str | None:
     subtask, metric = key
     spec = metric_spec(task, metric, row["higher_is_better"])
     if spec.threshold is not None or metric == "greedy_tokens_equal":  # parity: the value is itself a diff
@@ -105,7 +116,7 @@ def _pair_row(task, scratch, reference, key, row, theirs) -> str:
             f"{_fmt(row['value'])} | - | - | {tol} | {'yes' if ok else '**NO**'} |"
         )
     if theirs is None or key not in theirs.index:
-        return f"| {scratch} | {reference} | {subtask or '-'} | {metric} | {_fmt(row['value'])} | missing | - | - | - |"
+        return None  # the reference was not run on these weights: nothing to compare
     ref = theirs.loc[key]
     delta = row["value"] - ref["value"]
     allowed = _pair_allowed(spec, ref["value"], row.get("stderr"), ref.get("stderr"))

@@ -17,7 +17,7 @@ if (DEFAULT / "model.safetensors").is_file():
     WEIGHTS.append(pytest.param(str(DEFAULT), id="trained-default"))
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def _threads():
     before = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -49,7 +49,7 @@ TINY = TrainConfig(
 )
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def _threads():
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # also makes CPU reductions run in one fixed order
