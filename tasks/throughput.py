@@ -613,10 +613,37 @@ def throughput_section(history: pd.DataFrame, fig_dir: Path, report_dir: Path) -
     if not peaks.empty:
         shown = ", ".join(f"{s}: {v / 1e9:.1f} GFLOP/s" for s, v in peaks.groupby("subtask")["value"].max().items())
         lines += [f"Measured matmul peaks (best over models): {shown}.", ""]
+    lines += targets_table(rows)
     plot = plot_prefill(rows, fig_dir)
     if plot is not None:
         lines += [f"![prefill tokens/s against sequence length]({os.path.relpath(plot, report_dir)})", ""]
     return "\n".join(lines)
+
+
+# Issue 6's targets for gpt2-scratch on the 124M config (fp32, CPU): (what, metric, subtask prefix, target).
+TARGETS = (
+    ("prefill vs gpt2-hf", "prefill_tokens_per_s_ratio", "prefill", 1.1),
+    ("prefill MFU (fraction of measured fp32 matmul peak)", "mfu", "prefill", 0.8),
+    ("decode with KV cache vs transformers generate, batch 1", "decode_tokens_per_s_ratio", "decode b=1", 1.5),
+    ("ppl tokens/s vs lm-eval's HF backend", "ppl_tokens_per_s_ratio", "ppl", 1.5),
+)
+
+
+def targets_table(rows: pd.DataFrame) -> list[str]:
+    """Reached vs targeted, from the `random:gpt2` (124M) rows of gpt2-scratch; nothing if there are none."""
+    sub = rows[(rows["model"] == "gpt2-scratch") & (rows["weights"] == "random:gpt2")]
+    if sub.empty:
+        return []
+    out = ["Targets (124M config, fp32, CPU; commands in docs/throughput.md):", "",
+           "| target | wanted | measured (range over the grid) | reached |", "|---|---|---|---|"]
+    for what, metric, prefix, want in TARGETS:
+        vals = sub[(sub["metric"] == metric) & sub["subtask"].str.startswith(prefix)]["value"]
+        if vals.empty:
+            out.append(f"| {what} | >= {want:g} | not measured | - |")
+            continue
+        reached = "yes" if vals.min() >= want else ("at some grid points" if vals.max() >= want else "no")
+        out.append(f"| {what} | >= {want:g} | {vals.min():.2f} - {vals.max():.2f} | {reached} |")
+    return [*out, ""]
 
 
 MEASUREMENTS = {  # ratio metric -> what the table calls it
