@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -37,6 +36,7 @@ import torch
 
 from harness.adapter import Capability, ModelAdapter
 from harness.errors import HarnessError, UnknownNameError
+from harness.models.charlm import torch_threads
 from harness.models.seq2seq import pad_right
 from harness.registry import TASKS
 from harness.results import Metric
@@ -207,18 +207,6 @@ def ratio_bootstrap(num: np.ndarray, den: np.ndarray, resamples: int, seed: int)
     values = num[rows].sum(axis=1) / den[rows].sum(axis=1)
     low, high = np.percentile(values, [2.5, 97.5])
     return Estimate(value, float(values.std(ddof=1)), float(low), float(high))
-
-
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Inside, torch uses n intra-op threads (n <= 0: unchanged); the previous count is restored."""
-    before = torch.get_num_threads()
-    if n > 0:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # -- the task ------------------------------------------------------------------------------------
