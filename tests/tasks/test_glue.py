@@ -233,8 +233,9 @@ def test_default_minilm_run_learns_and_pairs_agree(tmp_path):
     assert failures == []
     rows = load_results(str(tmp_path)).set_index(["model", "subtask", "metric"])
     for model in ("bert-scratch", "bert-hf"):
-        assert rows.loc[(model, "sst2", "accuracy"), "value"] > 0.75  # majority class: about 0.5
-        assert rows.loc[(model, "stsb", "pearson"), "value"] > 0.3
+        assert rows.loc[(model, "sst2", "accuracy"), "value"] > 0.75  # majority class: 0.504
+        assert rows.loc[(model, "mrpc", "accuracy"), "value"] > 0.70  # majority class: 0.684
+        assert rows.loc[(model, "stsb", "pearson"), "value"] > 0.6  # measured: 0.75 (docs/glue.md)
     for sub, metric in [("sst2", "accuracy"), ("stsb", "pearson"), ("mrpc", "f1")]:
         ours, theirs = rows.loc[("bert-scratch", sub, metric)], rows.loc[("bert-hf", sub, metric)]
         assert abs(ours["value"] - theirs["value"]) <= 1.96 * math.hypot(ours["stderr"], theirs["stderr"])
