@@ -83,6 +83,9 @@ def _add_gate(sub) -> None:
     p.add_argument("--tol", action="append", default=[], metavar="METRIC=abs:X|rel:Y",
                    help="override a metric's tolerance, repeatable (e.g. --tol word_perplexity=rel:0.01)")
     p.add_argument("--require-all", action="store_true", help="also fail when a baseline metric is missing")
+    p.add_argument("--skip", action="append", default=[], metavar="METRIC",
+                   help="list but do not gate this metric, repeatable (e.g. --skip train_seconds: wall-clock "
+                        "time on a shared CI machine is noise, not a regression)")
     p.set_defaults(func=cmd_gate)
 
 
@@ -149,7 +152,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_gate(args: argparse.Namespace) -> int:
     from harness.gate import gate, parse_tolerances
 
-    regressions, table = gate(args.baseline, args.results_dir, parse_tolerances(args.tol), args.require_all)
+    regressions, table = gate(args.baseline, args.results_dir, parse_tolerances(args.tol), args.require_all,
+                              skip=set(args.skip))
     console.print(table)
     console.print("[red]gate: FAILED[/red]" if regressions else "[green]gate: passed[/green]")
     return 1 if regressions else 0

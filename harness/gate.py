@@ -11,7 +11,7 @@ threshold (parity) also fail when they exceed it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pandas as pd
 from rich.table import Table
@@ -36,7 +36,7 @@ class Check:
     baseline: float
     current: float | None
     allowed: float
-    status: str  # "ok", "improved", "REGRESSED", "MISSING", "OVER THRESHOLD"
+    status: str  # "ok", "improved", "REGRESSED", "MISSING", "OVER THRESHOLD", "skipped"
 
 
 def parse_tolerances(items: list[str]) -> dict[str, Tolerance]:
@@ -55,13 +55,15 @@ def parse_tolerances(items: list[str]) -> dict[str, Tolerance]:
     return out
 
 
-def gate(baseline: str, results_dir: str, overrides: dict[str, Tolerance], require_all: bool = False):
+def gate(baseline: str, results_dir: str, overrides: dict[str, Tolerance], require_all: bool = False,
+         skip: set[str] = frozenset()):
     load_plugins()
     base = latest(load_results(baseline), KEY)
     current = latest(load_results(results_dir), KEY)
     if base.empty:
         raise HarnessError(f"baseline '{baseline}' holds no result rows")
     checks = [compare(row, current, overrides) for _, row in base.iterrows()]
+    checks = [replace(c, status="skipped") if c.key[KEY.index("metric")] in skip else c for c in checks]
     failing = {"REGRESSED", "OVER THRESHOLD"} | ({"MISSING"} if require_all else set())
     regressions = [c for c in checks if c.status in failing]
     return regressions, render(checks, failing)

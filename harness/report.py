@@ -36,12 +36,20 @@ def write_report(locations: list[str], out: str) -> Path:
     if df.empty:
         parts.append("No results yet: run `harness run ...` first.\n")
     else:
-        newest = latest(df)
+        df["variant"] = [_variant(task, cfg) for task, cfg in zip(df["task"], df["config"])]
+        newest = latest(df, ("model", "weights", "variant", "task", "subtask", "metric"))
         for task in sorted(newest["task"].unique()):
             parts.append(task_section(task, newest[newest["task"] == task], df[df["task"] == task], fig_dir, out_path))
         parts.append(provenance_section(df))
     out_path.write_text("\n".join(parts), encoding="utf-8")
     return out_path
+
+
+def _variant(task: str, config) -> str:
+    """The task's label for this row's kind of run ("" unless the task tells runs apart)."""
+    if task not in TASKS or not isinstance(config, dict):
+        return ""
+    return TASKS.get(task).variant(config)
 
 
 def metric_spec(task: str, metric: str, higher_is_better: bool | None) -> MetricSpec:
@@ -54,9 +62,10 @@ def task_section(task: str, newest: pd.DataFrame, history: pd.DataFrame, fig_dir
     cls = TASKS.get(task) if task in TASKS else None
     title = f"## Task `{task}`" + (f" (v{newest['task_version'].iloc[-1]})" if "task_version" in newest else "")
     lines = [title, "", cls.description if cls else "", ""]
-    for weights, block in newest.groupby("weights", sort=True):
-        lines += [f"### weights `{weights}`", "", side_by_side(block), "", pairs_table(task, block), ""]
-        plot = plot_task(task, weights, block, fig_dir)
+    for (weights, variant), block in newest.groupby(["weights", "variant"], sort=True):
+        heading = f"### weights `{weights}`" + (f", {variant}" if variant else "")
+        lines += [heading, "", side_by_side(block), "", pairs_table(task, block), ""]
+        plot = plot_task(task, weights, block, fig_dir, variant)
         if plot is not None:
             lines += [f"![{task} {weights}]({plot.relative_to(out_path.parent).as_posix()})", ""]
     custom = getattr(cls, "report_section", None) or _command_section(task)
@@ -135,7 +144,7 @@ def _pair_allowed(spec: MetricSpec, ref_value: float, se1, se2) -> float:
     return allowed
 
 
-def plot_task(task: str, weights: str, block: pd.DataFrame, fig_dir: Path) -> Path | None:
+def plot_task(task: str, weights: str, block: pd.DataFrame, fig_dir: Path, variant: str = "") -> Path | None:
     metrics = sorted(block["metric"].unique())
     if not metrics:
         return None
@@ -149,7 +158,7 @@ def plot_task(task: str, weights: str, block: pd.DataFrame, fig_dir: Path) -> Pa
         if sub["value"].gt(0).all() and sub["value"].max() / max(sub["value"].min(), 1e-300) > 100:
             ax.set_yscale("log")
     fig.tight_layout()
-    path = fig_dir / f"{task}_{_slug(weights)}.png"
+    path = fig_dir / (f"{task}_{_slug(weights)}" + (f"_{_slug(variant)}" if variant else "") + ".png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -64,6 +64,12 @@ class Task:
     def metric(self, name: str, value: float, **kwargs: Any) -> Metric:
         return Metric(metric=name, value=float(value), higher_is_better=self.metrics[name].higher_is_better, **kwargs)
 
+    @staticmethod
+    def variant(config: dict) -> str:
+        """A label for runs whose configs are different experiments, so the report keeps them apart
+        (e.g. GLUE on a 3,000-example budget vs on the full training sets); "" for one kind of run."""
+        return ""
+
 
 # -- typed config overrides: --set TASK.KEY=VALUE ----------------------------------------------------
 

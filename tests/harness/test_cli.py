@@ -95,6 +95,16 @@ def test_gate_fails_on_a_deliberately_regressed_metric(tiny_run, tmp_path, capsy
     assert main(["gate", "--baseline", str(baseline), "--results-dir", str(current)]) == 0
 
 
+def test_gate_skip_lists_a_metric_without_gating_it(tiny_run, tmp_path, capsys):
+    baseline = tiny_run.path.parent.parent
+    current = _copy_results(baseline, tmp_path / "current")
+    _perturb(current, "word_perplexity", 1.5)
+    args = ["gate", "--baseline", str(baseline), "--results-dir", str(current), "--require-all"]
+    assert main([*args, "--skip", "word_perplexity"]) == 0
+    assert "skipped" in capsys.readouterr().out
+    assert main([*args, "--skip", "token_perplexity"]) == 1  # skipping another metric does not hide it
+
+
 def test_gate_fails_when_parity_breaks(tiny_run, tmp_path):
     baseline = tiny_run.path.parent.parent
     current = _copy_results(baseline, tmp_path / "current")

@@ -6,6 +6,7 @@ import math
 from collections import Counter
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -213,10 +214,46 @@ def test_tiny_run_rows_are_well_formed(tiny_glue_rows, model):
         assert row["extra"]["ci_low"] <= row["extra"]["ci_high"]
 
 
-def test_tiny_run_report_section(tiny_glue_rows):
-    section = TASKS.get("glue").report_section(tiny_glue_rows, None, None)
+def test_tiny_run_report_section(tiny_glue_rows, tmp_path):
+    section = TASKS.get("glue").report_section(tiny_glue_rows, tmp_path / "figures", tmp_path)
+    assert "### GLUE summary: 12 train / 10 dev examples" in section
     assert "| mrpc | f1 |" in section and "88.9" in section  # BERT-base MRPC F1, Devlin et al. Table 1
-    assert "bert-scratch (`random:tiny`)" in section and "max_train_examples=12" in section
+    assert "| sst2 | accuracy |" in section and "91.5 |" in section  # MiniLM-L6xH384 dev, Wang et al. Table 8
+    assert "bert-scratch (`random:tiny`)" in section and "| bert-hf | `random:tiny` | stsb | 12 | 1 |" in section
+    assert "![GLUE 12 train / 10 dev examples](figures/glue_summary_12_train_10_dev_examples.png)" in section
+    assert (tmp_path / "figures" / "glue_summary_12_train_10_dev_examples.png").stat().st_size > 0
+
+
+def test_report_keeps_budgets_apart(tiny_glue_rows, tmp_path):
+    """A full-data run and a small-budget run are two tables, not one table of whichever ran last."""
+    full = tiny_glue_rows.copy()
+    full["config"] = [{**c, "max_train_examples": None, "max_eval_examples": None} for c in full["config"]]
+    full["value"] = 0.123  # no 10-example accuracy can be 12.3%
+    full["created_at"] = "2000-01-01T00:00:00+00:00"  # older: must not hide behind the newer budget
+    both = pd.concat([tiny_glue_rows, full], ignore_index=True).sort_values("created_at", kind="stable")
+    section = TASKS.get("glue").report_section(both, None, None)
+    full_part, small_part = section.split("### GLUE summary: 12 train / 10 dev examples")
+    assert full_part.startswith("### GLUE summary: full train and dev sets")
+    assert "| sst2 | accuracy | 12.3 [" in full_part and "12.3 [" not in small_part
+
+
+@pytest.mark.parametrize(("config", "label"), [
+    ({"max_train_examples": None, "max_eval_examples": None, "limit": None}, "full train and dev sets"),
+    ({"max_train_examples": 3000, "max_eval_examples": 500, "limit": None}, "3,000 train / 500 dev examples"),
+    ({"max_train_examples": None, "max_eval_examples": None, "limit": 64}, "64 train / 64 dev examples"),
+    ({"max_train_examples": 3000, "max_eval_examples": None, "limit": None}, "3,000 train / all dev examples"),
+])
+def test_variant_names_the_data_budget(config, label):
+    assert glue.variant(config) == label
+
+
+def test_non_finite_loss_stops_and_names_the_step(tmp_path):
+    plan = RunPlan(models=["bert-scratch"], tasks=["glue"], weights="random:tiny", results_dir=str(tmp_path),
+                   overrides={"glue": {**TINY, "subtasks": "mrpc,sst2", "lr": "1e30"}})
+    _, failures = run(plan)
+    assert len(failures) == 1
+    assert "glue mrpc: training loss is nan at step 2 of 2 (bert-scratch); lower glue.lr (now 1e+30)" in \
+        failures[0].message
 
 
 def test_qnli_is_skipped_with_a_warning_on_local_data(tiny_glue_rows):
@@ -239,3 +276,20 @@ def test_default_minilm_run_learns_and_pairs_agree(tmp_path):
     for sub, metric in [("sst2", "accuracy"), ("stsb", "pearson"), ("mrpc", "f1")]:
         ours, theirs = rows.loc[("bert-scratch", sub, metric)], rows.loc[("bert-hf", sub, metric)]
         assert abs(ours["value"] - theirs["value"]) <= 1.96 * math.hypot(ours["stderr"], theirs["stderr"])
+
+
+def test_full_report_has_one_section_per_budget(tiny_glue_rows, tmp_path):
+    from harness.report import write_report
+
+    full = tiny_glue_rows[tiny_glue_rows["model"] == "bert-hf"].copy()
+    full["config"] = [{**c, "max_train_examples": None, "max_eval_examples": None} for c in full["config"]]
+    (tmp_path / "full" / "v1").mkdir(parents=True)
+    full.to_json(tmp_path / "full" / "v1" / "full.jsonl", orient="records", lines=True)
+    small = tiny_glue_rows[tiny_glue_rows["model"] == "bert-scratch"]
+    (tmp_path / "small" / "v1").mkdir(parents=True)
+    small.to_json(tmp_path / "small" / "v1" / "small.jsonl", orient="records", lines=True)
+    report = write_report([str(tmp_path / "full"), str(tmp_path / "small")], str(tmp_path / "r" / "report.md"))
+    text = report.read_text()
+    assert "### weights `random:tiny`, full train and dev sets" in text
+    assert "### weights `random:tiny`, 12 train / 10 dev examples" in text
+    assert (tmp_path / "r" / "figures" / "glue_random_tiny_full_train_and_dev_sets.png").exists()
