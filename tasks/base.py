@@ -12,11 +12,14 @@ import types
 import typing
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from harness.adapter import Capability, ModelAdapter
 from harness.errors import HarnessError, UnknownNameError
 from harness.results import Metric
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @dataclass(frozen=True)
@@ -130,3 +133,17 @@ def parse_overrides(items: list[str], known_tasks: list[str]) -> dict[str, dict[
             raise UnknownNameError(f"unknown task '{task}' in --set {item!r}; known tasks: {', '.join(known_tasks)}")
         out.setdefault(task, {})[field_name] = value
     return out
+
+
+# -- report helpers ---------------------------------------------------------------------------------
+
+
+def ci_cell(block: pd.DataFrame) -> str:
+    """The newest row of `block` as a percentage with its 95% interval, "81.2 [77.8, 84.8]" ("-": no row)."""
+    if block.empty:
+        return "-"
+    row = block.iloc[-1]
+    extra = row["extra"] if isinstance(row["extra"], dict) else {}
+    if extra.get("ci_low") is not None:
+        return f"{100 * row['value']:.1f} [{100 * extra['ci_low']:.1f}, {100 * extra['ci_high']:.1f}]"
+    return f"{100 * row['value']:.1f}"

@@ -48,7 +48,7 @@ from harness.adapter import Capability, ModelAdapter
 from harness.errors import HarnessError, UnknownNameError
 from harness.registry import TASKS
 from harness.results import Metric
-from tasks.base import MetricSpec, RunContext, Task
+from tasks.base import MetricSpec, RunContext, Task, ci_cell
 
 if TYPE_CHECKING:
     import datasets
@@ -514,7 +514,7 @@ def _summary(name: str, scores: pd.DataFrame) -> str:
     lines = [f"### GLUE summary: {name}", "", "| subtask | metric | " + " | ".join(head) + " |",
              "|---|---|" + "---|" * len(head)]
     for (sub, metric), block in scores.groupby(["subtask", "metric"], sort=True):
-        cells = [_ci_cell(block[(block["model"] == m) & (block["weights"] == w)]) for m, w in columns]
+        cells = [ci_cell(block[(block["model"] == m) & (block["weights"] == w)]) for m, w in columns]
         majority = next((e["majority_accuracy"] for e in block["extra"] if "majority_accuracy" in e), None)
         cells.append(f"{100 * majority:.1f}" if majority is not None and metric == "accuracy" else "-")
         published = PUBLISHED_TEST.get((sub, metric))
@@ -523,16 +523,6 @@ def _summary(name: str, scores: pd.DataFrame) -> str:
         cells.append("-" if minilm is None else f"{minilm:.1f}")
         lines.append(f"| {sub} | {metric} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def _ci_cell(block: pd.DataFrame) -> str:
-    if block.empty:
-        return "-"
-    row = block.iloc[-1]
-    extra = row["extra"] if isinstance(row["extra"], dict) else {}
-    if "ci_low" in extra:
-        return f"{100 * row['value']:.1f} [{100 * extra['ci_low']:.1f}, {100 * extra['ci_high']:.1f}]"
-    return f"{100 * row['value']:.1f}"
 
 
 def _recipe_table(block: pd.DataFrame) -> str:

@@ -41,7 +41,7 @@ from harness.models.seq2seq import pad_right
 from harness.registry import TASKS
 from harness.results import Metric
 from reproductions.transformer import label_smoothed_nll, noam_lr
-from tasks.base import MetricSpec, RunContext, Task
+from tasks.base import MetricSpec, RunContext, Task, ci_cell
 
 
 @dataclass(frozen=True)
@@ -299,22 +299,12 @@ def seq2seq_table(history: pd.DataFrame) -> str:
     lines = ["### seq2seq summary: exact match x 100 [95% CI]", "",
              "| subtask | " + " | ".join(f"{m} (`{w}`)" for m, w in columns) + " |", "|---|" + "---|" * len(columns)]
     for sub, block in scores.groupby("subtask", sort=True):
-        cells = [_ci_cell(block[(block["model"] == m) & (block["weights"] == w)]) for m, w in columns]
+        cells = [ci_cell(block[(block["model"] == m) & (block["weights"] == w)]) for m, w in columns]
         lines.append(f"| {sub} | " + " | ".join(cells) + " |")
     for metric in ("final_train_loss", "train_seconds"):
         cells = [_plain(rows, m, w, metric) for m, w in columns]
         lines.append(f"| _{metric}_ | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def _ci_cell(block: pd.DataFrame) -> str:
-    if block.empty:
-        return "-"
-    row = block.iloc[-1]
-    extra = row["extra"] if isinstance(row["extra"], dict) else {}
-    if extra.get("ci_low") is not None:
-        return f"{100 * row['value']:.1f} [{100 * extra['ci_low']:.1f}, {100 * extra['ci_high']:.1f}]"
-    return f"{100 * row['value']:.1f}"
 
 
 def _plain(rows: pd.DataFrame, model: str, weights: str, metric: str) -> str:
