@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from harness.adapter import Capability, ModelAdapter
 from harness.errors import HarnessError
-from harness.models.charlm import RUNGS, LadderModel, Recipe, torch_threads
+from harness.models.charlm import RUNGS, LadderModel, Recipe, require_ladder, torch_threads
 from harness.registry import TASKS
 from harness.results import Metric
 from reproductions import charlm
@@ -110,9 +110,7 @@ class CharPerplexity(Task):
 
     def check(self, model: ModelAdapter) -> None:
         super().check(model)
-        if not isinstance(model, LadderModel):
-            raise HarnessError(f"{self.name} trains its own models; '{model.name}' is not one of: "
-                               + ", ".join(r.name for r in RUNGS))
+        require_ladder(self.name, model)
 
     def run(self, model: ModelAdapter, ctx: RunContext) -> Iterator[Metric]:
         with torch_threads(self.config.threads):

@@ -39,7 +39,7 @@ import torch
 
 from harness.adapter import Capability, ModelAdapter
 from harness.errors import HarnessError
-from harness.models.charlm import RUNGS, LadderModel, Recipe, ScratchCharGPT, torch_threads
+from harness.models.charlm import RUNGS, LadderModel, Recipe, ScratchCharGPT, require_ladder, torch_threads
 from harness.registry import TASKS
 from harness.results import Metric
 from reproductions import charlm
@@ -90,9 +90,7 @@ class NGramRules(Task):
 
     def check(self, model: ModelAdapter) -> None:
         super().check(model)
-        if not isinstance(model, LadderModel):
-            raise HarnessError(f"{self.name} trains its own models; '{model.name}' is not one of: "
-                               + ", ".join(r.name for r in RUNGS))
+        require_ladder(self.name, model)
 
     def run(self, model: ModelAdapter, ctx: RunContext) -> Iterator[Metric]:
         for n in ctx.track(self.config.n, total=len(self.config.n), description=f"{self.name} {model.name}"):

@@ -265,6 +265,13 @@ class LadderModel(ModelAdapter):
                                seed=recipe.seed)
 
 
+def require_ladder(task: str, model: ModelAdapter) -> None:
+    """Tasks that train their own models (ngram-rules, char-ppl) take only the ladder's."""
+    if not isinstance(model, LadderModel):
+        raise HarnessError(f"{task} trains its own models; '{model.name}' is not one of: "
+                           + ", ".join(r.name for r in RUNGS))
+
+
 def _register_rung(rung: Rung) -> None:
     info = ModelInfo(rung.name, rung.arch, rung.impl, rung.reference)
     spec = ModelSpec(info, trained_arch(rung.arch, rung.sizes), lambda w, d: LadderModel(info, rung, w, d))
