@@ -10,7 +10,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from harness.errors import HarnessError
+from harness.api import HarnessError
 
 # Off a terminal (pipes, CI logs) rich would wrap tables at 80 columns; give them room instead.
 console = Console(width=None if sys.stdout.isatty() else 200)
@@ -90,15 +90,13 @@ def _add_gate(sub) -> None:
 
 
 # Modules that add their own subcommand with `add_parser(subparsers)`, to keep this file short.
-_EXTRA_COMMANDS: list[str] = ["harness.train", "harness.generate"]
+_EXTRA_COMMANDS: list[str] = ["harness.train.command", "harness.generate"]
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from harness.registry import TASKS, load_plugins
+    from harness.api import TASKS, parse_overrides
     from harness.runner import RunPlan, run
-    from tasks.base import parse_overrides
 
-    load_plugins()
     plan = RunPlan(
         models=args.models, tasks=args.tasks, weights=args.weights, limit=args.limit, seed=args.seed,
         device=args.device, results_dir=args.results_dir, overrides=parse_overrides(args.overrides, TASKS.names()),
@@ -128,9 +126,8 @@ def fmt(value: float) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from harness.registry import MODELS, TASKS, load_plugins
+    from harness.api import MODELS, TASKS
 
-    load_plugins()
     registry = MODELS if args.what == "models" else TASKS
     table = Table(title=f"{args.what}")
     table.add_column("name", style="bold")

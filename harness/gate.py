@@ -16,10 +16,7 @@ from dataclasses import dataclass, replace
 import pandas as pd
 from rich.table import Table
 
-from harness.errors import HarnessError
-from harness.registry import load_plugins
-from harness.report import metric_spec
-from harness.results import latest, load_results
+from harness.api import HarnessError, allowed_difference, latest, load_results, metric_spec
 
 KEY = ("model", "weights", "task", "subtask", "metric")
 
@@ -57,7 +54,6 @@ def parse_tolerances(items: list[str]) -> dict[str, Tolerance]:
 
 def gate(baseline: str, results_dir: str, overrides: dict[str, Tolerance], require_all: bool = False,
          skip: set[str] = frozenset()):
-    load_plugins()
     base = latest(load_results(baseline), KEY)
     current = latest(load_results(results_dir), KEY)
     if base.empty:
@@ -79,7 +75,8 @@ def compare(base_row: pd.Series, current: pd.DataFrame, overrides: dict[str, Tol
     row = match.iloc[-1]
     spec = metric_spec(base_row["task"], base_row["metric"], base_row["higher_is_better"])
     tol = overrides.get(base_row["metric"], Tolerance(spec.gate_atol, spec.gate_rtol))
-    allowed = max(tol.atol, tol.rtol * abs(base_row["value"]), _noise(base_row.get("stderr"), row.get("stderr")))
+    allowed = allowed_difference(max(tol.atol, tol.rtol * abs(base_row["value"])), base_row.get("stderr"),
+                                 row.get("stderr"))
     delta = row["value"] - base_row["value"]
     status = _status(delta, allowed, spec.higher_is_better)
     if spec.threshold is not None and row["value"] > spec.threshold:
@@ -96,11 +93,6 @@ def _status(delta: float, allowed: float, higher_is_better: bool | None) -> str:
     if worse > allowed:
         return "REGRESSED"
     return "improved" if worse < -allowed else "ok"
-
-
-def _noise(se_base, se_new) -> float:
-    ses = [s for s in (se_base, se_new) if s is not None and not (isinstance(s, float) and math.isnan(s))]
-    return 1.96 * math.sqrt(sum(s * s for s in ses)) if len(ses) == 2 else 0.0
 
 
 def render(checks: list[Check], failing: set[str]) -> Table:

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 import torch
 from rich.console import Console
 
-from harness.adapter import Capability, ModelAdapter
-from harness.errors import HarnessError
+from harness.api import Generator, HarnessError, ModelAdapter
 
 
 @dataclass(frozen=True)
@@ -40,13 +39,10 @@ class GenerateConfig:
 
 def load_model(name: str, weights: str | None, seed: int = 0, device: str = "cpu") -> ModelAdapter:
     """Build a registered model on its weights exactly as `harness run` does."""
-    from harness.registry import MODELS, load_plugins
-    from harness.weights import load_weights
+    from harness.api import MODELS, check_device, load_weights
 
-    load_plugins()
     spec = MODELS.get(name)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise HarnessError("--device cuda: no CUDA device is available here; use --device cpu")
+    check_device(device)
     resolved = load_weights(spec.arch, weights, seed)
     torch.manual_seed(seed)
     return spec.build(resolved, device)
@@ -54,7 +50,7 @@ def load_model(name: str, weights: str | None, seed: int = 0, device: str = "cpu
 
 def continuation(model: ModelAdapter, prompt: str, cfg: GenerateConfig) -> str:
     """The generated text after `prompt` (an empty prompt starts from <|endoftext|>)."""
-    model.require(Capability.GENERATE, task="generate")
+    model = model.require(Generator, task="generate")
     ids = model.tokenizer.encode(prompt) or [model.tokenizer.eot_id]
     room = model.max_length - len(ids)
     if room < 1:

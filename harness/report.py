@@ -18,13 +18,20 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from harness.registry import MODELS, TASKS, load_plugins  # noqa: E402
-from harness.results import latest, load_results, now_iso  # noqa: E402
-from tasks.base import MetricSpec  # noqa: E402
+from harness.api import (  # noqa: E402
+    MODELS,
+    REPORT_SECTIONS,
+    TASKS,
+    MetricSpec,
+    allowed_difference,
+    latest,
+    load_results,
+    metric_spec,
+    now_iso,
+)
 
 
 def write_report(locations: list[str], out: str) -> Path:
-    load_plugins()
     df = load_results(*locations)
     out_path = Path(out)
     fig_dir = out_path.parent / "figures"
@@ -52,12 +59,6 @@ def _variant(task: str, config) -> str:
     return TASKS.get(task).variant(config)
 
 
-def metric_spec(task: str, metric: str, higher_is_better: bool | None) -> MetricSpec:
-    if task in TASKS and metric in TASKS.get(task).metrics:
-        return TASKS.get(task).metrics[metric]
-    return MetricSpec(higher_is_better=higher_is_better)
-
-
 def task_section(task: str, newest: pd.DataFrame, history: pd.DataFrame, fig_dir: Path, out_path: Path) -> str:
     cls = TASKS.get(task) if task in TASKS else None
     title = f"## Task `{task}`" + (f" (v{newest['task_version'].iloc[-1]})" if "task_version" in newest else "")
@@ -68,19 +69,10 @@ def task_section(task: str, newest: pd.DataFrame, history: pd.DataFrame, fig_dir
         plot = plot_task(task, weights, block, fig_dir, variant)
         if plot is not None:
             lines += [f"![{task} {weights}]({plot.relative_to(out_path.parent).as_posix()})", ""]
-    custom = getattr(cls, "report_section", None) or _command_section(task)
+    custom = getattr(cls, "report_section", None) or (REPORT_SECTIONS.get(task) if task in REPORT_SECTIONS else None)
     if custom is not None:
         lines.append(custom(history, fig_dir, out_path.parent) or "")
     return "\n".join(lines)
-
-
-def _command_section(task: str):
-    """Rows written by a command rather than `harness run` (e.g. `harness train`) have their section there."""
-    if task == "train":
-        from harness.train import train_report_section
-
-        return train_report_section
-    return None
 
 
 def side_by_side(block: pd.DataFrame) -> str:
@@ -137,11 +129,7 @@ def _pair_row(task, scratch, reference, key, row, theirs) -> str | None:
 
 
 def _pair_allowed(spec: MetricSpec, ref_value: float, se1, se2) -> float:
-    allowed = spec.pair_atol + spec.pair_rtol * abs(ref_value)
-    ses = [s for s in (se1, se2) if s is not None and not (isinstance(s, float) and math.isnan(s))]
-    if ses:  # fine-tuning noise: two independent runs may differ by ~1.96 * sqrt(se1^2 + se2^2)
-        allowed = max(allowed, 1.96 * math.sqrt(sum(s * s for s in ses)))
-    return allowed
+    return allowed_difference(spec.pair_atol + spec.pair_rtol * abs(ref_value), se1, se2)
 
 
 def plot_task(task: str, weights: str, block: pd.DataFrame, fig_dir: Path, variant: str = "") -> Path | None:

@@ -23,12 +23,23 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from harness.adapter import ModelAdapter, ModelSpec
-from harness.errors import HarnessError
-from harness.registry import MODELS, TASKS, load_plugins
-from harness.results import Metric, ResultRow, ResultStore, now_iso, provenance
-from harness.weights import Weights, load_weights
-from tasks.base import RunContext, Task, make_config
+from harness.api import (
+    MODELS,
+    TASKS,
+    HarnessError,
+    Metric,
+    ModelAdapter,
+    ModelSpec,
+    ResultRow,
+    ResultStore,
+    RunContext,
+    Task,
+    Weights,
+    check_device,
+    load_weights,
+    make_config,
+    make_row,
+)
 
 
 @dataclass
@@ -81,15 +92,13 @@ class ModelPool:
 
 def validate(plan: RunPlan) -> dict[str, Task]:
     """Check every name before any work starts; return the configured tasks."""
-    load_plugins()
     if not plan.models or not plan.tasks:
         raise HarnessError("give at least one model (--model) and one task (--tasks)")
     for name in plan.models:
         MODELS.entry(name)
     for name in plan.overrides:
         TASKS.entry(name)
-    if plan.device.startswith("cuda") and not torch.cuda.is_available():
-        raise HarnessError("--device cuda: no CUDA device is available here; use --device cpu")
+    check_device(plan.device)
     return {name: TASKS.get(name)(make_config(TASKS.get(name), plan.overrides.get(name, {}))) for name in plan.tasks}
 
 
@@ -123,39 +132,16 @@ def _run_one(pool: ModelPool, model_name: str, task: Task, plan: RunPlan, store:
         ctx = RunContext(plan.seed, plan.limit, plan.device, pool.reference, _tracker(progress), plan.results_dir)
         torch.manual_seed(plan.seed)
         for metric in task.run(model, ctx):
-            store.append(make_row(model, task, metric, plan, store.run_id, time.perf_counter() - start))
+            store.append(row_of(model, task, metric, plan, store.run_id, time.perf_counter() - start))
     except HarnessError as e:
         return Failure(model_name, task.name, str(e))
     return None
 
 
-def make_row(model: ModelAdapter, task: Task, m: Metric, plan: RunPlan, run_id: str, wall: float) -> ResultRow:
-    prov = provenance()
-    return ResultRow(
-        model=model.name,
-        weights=model.weights.identity,
-        weights_sha256=model.weights.sha256,
-        task=task.name,
-        task_version=task.version,
-        subtask=m.subtask,
-        metric=m.metric,
-        value=m.value,
-        n=m.n,
-        stderr=m.stderr,
-        higher_is_better=m.higher_is_better,
-        config=_config_dict(task, plan),
-        seed=plan.seed,
-        run_id=run_id,
-        created_at=now_iso(),
-        git_sha=prov["git_sha"],
-        git_dirty=prov["git_dirty"],
-        harness_version=prov["harness_version"],
-        torch_version=prov["torch_version"],
-        transformers_version=prov["transformers_version"],
-        device=str(model.device),
-        wall_seconds=round(wall, 3),
-        extra=m.extra,
-    )
+def row_of(model: ModelAdapter, task: Task, m: Metric, plan: RunPlan, run_id: str, wall: float) -> ResultRow:
+    return make_row(m, model=model.name, weights=model.weights, task=task.name, task_version=task.version,
+                    config=_config_dict(task, plan), seed=plan.seed, run_id=run_id, device=str(model.device),
+                    wall_seconds=wall)
 
 
 def _config_dict(task: Task, plan: RunPlan) -> dict[str, Any]:

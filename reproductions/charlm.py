@@ -76,6 +76,10 @@ class CharLM(nn.Module):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.logits(idx)
 
+    def attention_maps(self, idx: torch.Tensor) -> torch.Tensor | None:
+        """Attention probabilities (n_layer, B, n_head, T, T) for models that attend; None otherwise."""
+        return None
+
     @torch.no_grad()
     def nll(self, idx: torch.Tensor) -> float:
         """Mean next-token NLL in nats of idx[:, 1:] given its prefixes."""

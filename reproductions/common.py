@@ -2,6 +2,19 @@
 
 Kept deliberately small: anything architecture-specific lives in the
 reproduction's own file so that files can be read (and diffed) on their own.
+
+Every neural reproduction (gpt2, gpt1, llama, mla, bert, transformer) exposes the same small
+contract, which is all the harness adapters use:
+
+    HF_CLASS = "GPT2LMHeadModel"              the transformers class of the reference, by name
+    <Config>.from_name(name, **overrides)     a size of `name_to_config`
+    <Config>.from_hf(hf_config)               read a transformers config (duck-typed, no import)
+    <Config>.to_hf_kwargs() -> dict           keyword arguments of the transformers config class
+    <Model>.from_hf(hf_config, state_dict)    a model holding a reference-layout checkpoint (strict;
+                                              CheckpointMismatchError when it does not fit)
+    model.to_hf_state_dict(tensors=None)      this model's tensors (or a dict keyed like its
+                                              parameters, e.g. gradients) in the reference's names
+                                              and layouts
 """
 
 from __future__ import annotations
@@ -19,9 +32,13 @@ def check_state_dict(
     expected: Mapping[str, torch.Size | tuple[int, ...]],
     got: Mapping[str, torch.Tensor],
     source: str = "checkpoint",
+    allow_missing: bool = False,
 ) -> None:
-    """Raise a one-line CheckpointMismatchError naming missing/unexpected keys and bad shapes."""
-    missing = sorted(set(expected) - set(got))
+    """Raise a one-line CheckpointMismatchError naming missing/unexpected keys and bad shapes.
+
+    allow_missing: `got` may hold only some of the expected tensors (e.g. the gradients of the
+    parameters that have one); unexpected names and wrong shapes are still refused."""
+    missing = [] if allow_missing else sorted(set(expected) - set(got))
     unexpected = sorted(set(got) - set(expected))
     bad = sorted(
         f"{k} {tuple(got[k].shape)} != {tuple(expected[k])}"

@@ -44,7 +44,7 @@ from torch import nn
 
 from reproductions.common import CheckpointMismatchError, check_state_dict, sample_next
 
-HF_CLASS_NAME = "OpenAIGPTLMHeadModel"
+HF_CLASS = "OpenAIGPTLMHeadModel"  # the reference: transformers.OpenAIGPTLMHeadModel
 
 
 @dataclass(frozen=True)
@@ -91,11 +91,9 @@ class GPT1Config:
             layer_norm_eps=hf_config.layer_norm_epsilon,
         )
 
-    def to_hf(self) -> Any:
-        """The equivalent `transformers.OpenAIGPTConfig`."""
-        from transformers import OpenAIGPTConfig
-
-        return OpenAIGPTConfig(
+    def to_hf_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of the equivalent `transformers.OpenAIGPTConfig`."""
+        return dict(
             vocab_size=self.vocab_size,
             n_positions=self.block_size,
             n_layer=self.n_layer,
@@ -223,13 +221,6 @@ class GPT1(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    @classmethod
-    def from_hf_state_dict(cls, config: GPT1Config, hf_sd: Mapping[str, torch.Tensor]) -> GPT1:
-        """A model holding the weights of an HF / OpenAI GPT-1 checkpoint (checked against config)."""
-        model = cls(config)
-        model.load_state_dict(from_hf_state_dict(hf_sd, config))
-        return model
-
     def forward(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
         """Token ids (B, T) -> next-token logits (B, T, vocab_size)."""
         B, T = idx.shape
@@ -279,18 +270,45 @@ class GPT1(nn.Module):
                 logits = self(out[:, i : i + 1], kv_cache=cache)[:, -1]
         return out
 
+    # ---- conversion to and from transformers.OpenAIGPTLMHeadModel -----------------------------
 
-# --- conversion to and from transformers.OpenAIGPTLMHeadModel --------------------------------
+    @classmethod
+    def from_hf(cls, hf_config: Any, state_dict: Mapping[str, torch.Tensor]) -> GPT1:
+        """A model holding a HF `OpenAIGPTLMHeadModel` (or hub `OpenAIGPTModel`) checkpoint; a
+        CheckpointMismatchError names the tensors that do not fit `hf_config`."""
+        model = cls(GPT1Config.from_hf(hf_config))
+        sd = _normalise_hf_keys(state_dict)
+        head = sd.pop("lm_head.weight", None)  # a tied copy of tokens_embed: GPT1 multiplies by W_e^T itself
+        embed = sd.get("transformer.tokens_embed.weight")
+        if head is not None and embed is not None and head is not embed and not torch.equal(head, embed):
+            raise CheckpointMismatchError(
+                "lm_head.weight differs from transformer.tokens_embed.weight; GPT-1 ties them"
+            )
+        hf_shapes = {k: s[::-1] if k.endswith(_CONV1D_WEIGHTS) else s for k, s in _shapes(model).items()}
+        check_state_dict(hf_shapes, sd, source=f"HF {HF_CLASS} state dict")
+        model.load_state_dict(_transpose_conv1d(sd))
+        return model
+
+    def to_hf_state_dict(
+        self, tensors: Mapping[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """This model's tensors, or `tensors` keyed like them (e.g. gradients, possibly only some),
+        in `OpenAIGPTLMHeadModel`'s names and layouts, with the tied lm_head."""
+        sd = self.state_dict() if tensors is None else tensors
+        check_state_dict(_shapes(self), sd, source="GPT-1 tensors", allow_missing=True)
+        hf_sd = _transpose_conv1d(sd)
+        if "transformer.tokens_embed.weight" in hf_sd:
+            hf_sd["lm_head.weight"] = hf_sd["transformer.tokens_embed.weight"]
+        return hf_sd
+
+
+# --- helpers of the conversion -------------------------------------------------------------
 
 _CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
-def state_dict_shapes(config: GPT1Config, hf_layout: bool = False) -> dict[str, tuple[int, ...]]:
-    """Shapes of `GPT1(config).state_dict()` (or, hf_layout, of its HF keys less lm_head); no allocation."""
-    with torch.device("meta"):
-        sd = GPT1(config).state_dict()
-    flip = lambda k, shape: shape[::-1] if hf_layout and k.endswith(_CONV1D_WEIGHTS) else shape
-    return {k: flip(k, tuple(v.shape)) for k, v in sd.items()}
+def _shapes(model: GPT1) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def _normalise_hf_keys(hf_sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -306,33 +324,3 @@ def _normalise_hf_keys(hf_sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
 def _transpose_conv1d(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """HF Conv1D weight (in, out) <-> nn.Linear weight (out, in); every other tensor unchanged."""
     return {k: v.t().contiguous() if k.endswith(_CONV1D_WEIGHTS) else v for k, v in sd.items()}
-
-
-def from_hf_state_dict(
-    hf_sd: Mapping[str, torch.Tensor], config: GPT1Config | None = None
-) -> dict[str, torch.Tensor]:
-    """HF `OpenAIGPTLMHeadModel` (or hub `OpenAIGPTModel`) state dict -> ours; checked if config given."""
-    sd = _normalise_hf_keys(hf_sd)
-    head = sd.pop("lm_head.weight", None)  # a tied copy of tokens_embed: GPT1 multiplies by W_e^T itself
-    embed = sd.get("transformer.tokens_embed.weight")
-    if head is not None and embed is not None and head is not embed and not torch.equal(head, embed):
-        raise CheckpointMismatchError(
-            "lm_head.weight differs from transformer.tokens_embed.weight; GPT-1 ties them"
-        )
-    if config is not None:
-        check_state_dict(
-            state_dict_shapes(config, hf_layout=True), sd, source=f"HF {HF_CLASS_NAME} state dict"
-        )
-    return _transpose_conv1d(sd)
-
-
-def to_hf_state_dict(
-    sd: Mapping[str, torch.Tensor], config: GPT1Config | None = None
-) -> dict[str, torch.Tensor]:
-    """Our state dict (or one keyed like it, e.g. gradients) -> `OpenAIGPTLMHeadModel` keys, with lm_head."""
-    if config is not None:
-        check_state_dict(state_dict_shapes(config), sd, source="GPT-1 state dict")
-    hf_sd = _transpose_conv1d(sd)
-    if "transformer.tokens_embed.weight" in hf_sd:
-        hf_sd["lm_head.weight"] = hf_sd["transformer.tokens_embed.weight"]
-    return hf_sd

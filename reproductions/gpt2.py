@@ -17,12 +17,14 @@ What changed from GPT-1 (Radford et al. 2018), all visible below:
 
 Parameter names match the OpenAI / Hugging Face checkpoint, so loading one is a
 name map plus a transpose: HF stores these projections as `Conv1D` with weights
-of shape (in, out); we use `nn.Linear`, whose weights are (out, in).
+of shape (in, out); we use `nn.Linear`, whose weights are (out, in). `GPT2.from_hf`
+loads a reference checkpoint and `GPT2.to_hf_state_dict` maps back.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from reproductions.common import CheckpointMismatchError, check_state_dict, sample_next
+
+HF_CLASS = "GPT2LMHeadModel"  # the reference: transformers.GPT2LMHeadModel
 
 # Suffixes of the weights HF stores as Conv1D (in, out): transposed on conversion.
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -70,19 +74,18 @@ class GPT2Config:
                    n_layer=hf_config.n_layer, n_head=hf_config.n_head, n_embd=hf_config.n_embd,
                    dropout=rates.pop(), layer_norm_eps=hf_config.layer_norm_epsilon)
 
-    def to_hf(self):
-        """The equivalent `transformers.GPT2Config` (<|endoftext|>, the last token, is BOS and EOS)."""
+    def to_hf_kwargs(self) -> dict:
+        """Keyword arguments of the equivalent `transformers.GPT2Config` (<|endoftext|>, the last
+        token, is BOS and EOS)."""
         if not self.bias:
             raise ValueError("transformers' GPT-2 always has biases; cannot export bias=False")
-        from transformers import GPT2Config as HFGPT2Config
-
         eot = self.vocab_size - 1
-        return HFGPT2Config(vocab_size=self.vocab_size, n_positions=self.block_size, n_embd=self.n_embd,
-                            n_layer=self.n_layer, n_head=self.n_head, n_inner=None,
-                            activation_function="gelu_new", resid_pdrop=self.dropout,
-                            embd_pdrop=self.dropout, attn_pdrop=self.dropout,
-                            layer_norm_epsilon=self.layer_norm_eps, tie_word_embeddings=True,
-                            bos_token_id=eot, eos_token_id=eot)
+        return dict(vocab_size=self.vocab_size, n_positions=self.block_size, n_embd=self.n_embd,
+                    n_layer=self.n_layer, n_head=self.n_head, n_inner=None,
+                    activation_function="gelu_new", resid_pdrop=self.dropout,
+                    embd_pdrop=self.dropout, attn_pdrop=self.dropout,
+                    layer_norm_epsilon=self.layer_norm_eps, tie_word_embeddings=True,
+                    bos_token_id=eot, eos_token_id=eot)
 
 
 name_to_config: dict[str, dict] = {
@@ -250,23 +253,39 @@ class GPT2(nn.Module):
                 logits = self.lm_head(self.hidden_states(out[-1], cache)[:, -1])
         return torch.cat(out, dim=1)  # (B, T + max_new_tokens)
 
+    # ---- conversion to and from transformers.GPT2LMHeadModel ----------------------------------
+
     @classmethod
-    def from_hf_state_dict(cls, config: GPT2Config, hf_sd: dict) -> GPT2:
-        """A model holding the weights of a HF / OpenAI GPT-2 checkpoint (checked against config)."""
-        model = cls(config)
-        model.load_state_dict(from_hf_state_dict(hf_sd, config))
+    def from_hf(cls, hf_config, state_dict: Mapping[str, torch.Tensor]) -> GPT2:
+        """A model holding a HF `GPT2LMHeadModel` (or hub `GPT2Model`) checkpoint; a
+        CheckpointMismatchError names the tensors that do not fit `hf_config`."""
+        model = cls(GPT2Config.from_hf(hf_config))
+        sd = _normalise_hf_keys(state_dict)
+        check_state_dict(_hf_shapes(model), sd, source="HF GPT-2 checkpoint")
+        head, wte = sd["lm_head.weight"], sd["transformer.wte.weight"]
+        if head is not wte and not torch.equal(head, wte):
+            raise CheckpointMismatchError("HF GPT-2 checkpoint has an lm_head.weight that is not tied to wte")
+        model.load_state_dict(_transpose_conv1d(sd))
         return model
 
+    def to_hf_state_dict(self, tensors: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """This model's tensors, or `tensors` keyed like them (e.g. gradients, possibly only some),
+        in the names and layouts `GPT2LMHeadModel` loads: Conv1D weights transposed, tied lm_head added."""
+        sd = dict(self.state_dict() if tensors is None else tensors)
+        if "transformer.wte.weight" in sd:
+            sd.setdefault("lm_head.weight", sd["transformer.wte.weight"])  # absent from named_parameters()
+        own = {k: v.shape for k, v in self.state_dict().items()}
+        check_state_dict(own, sd, source="GPT-2 tensors", allow_missing=True)
+        return _transpose_conv1d(sd)
 
-def state_dict_shapes(config: GPT2Config, hf_layout: bool = False) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes of GPT2(config).state_dict(), or of GPT2LMHeadModel's; computed on the meta device."""
-    with torch.device("meta"):
-        sd = GPT2(config).state_dict()
-    flip = lambda k, shape: shape[::-1] if hf_layout and k.endswith(CONV1D_WEIGHTS) else shape
-    return {k: flip(k, tuple(v.shape)) for k, v in sd.items()}
+
+def _hf_shapes(model: GPT2) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes of the equivalent GPT2LMHeadModel: ours, with the Conv1D weights (in, out)."""
+    return {k: tuple(v.shape)[::-1] if k.endswith(CONV1D_WEIGHTS) else tuple(v.shape)
+            for k, v in model.state_dict().items()}
 
 
-def _normalise_hf_keys(hf_sd: dict) -> dict:
+def _normalise_hf_keys(hf_sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Add the `transformer.` prefix the hub files omit, drop mask buffers, restore the tied head."""
     sd = {}
     for k, v in hf_sd.items():
@@ -278,26 +297,6 @@ def _normalise_hf_keys(hf_sd: dict) -> dict:
     return sd
 
 
-def _transpose_conv1d(sd: dict) -> dict:
+def _transpose_conv1d(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF Conv1D weight (in, out) <-> nn.Linear weight (out, in); every other tensor unchanged."""
     return {k: v.t().contiguous() if k.endswith(CONV1D_WEIGHTS) else v for k, v in sd.items()}
-
-
-def from_hf_state_dict(hf_sd: dict, config: GPT2Config | None = None) -> dict:
-    """HF `GPT2LMHeadModel` (or hub `GPT2Model`) state dict -> ours; checked against config if given."""
-    sd = _normalise_hf_keys(hf_sd)
-    if config is not None:
-        check_state_dict(state_dict_shapes(config, hf_layout=True), sd, source="HF GPT-2 checkpoint")
-    head, wte = sd.get("lm_head.weight"), sd.get("transformer.wte.weight")
-    if head is not None and wte is not None and head is not wte and not torch.equal(head, wte):
-        raise CheckpointMismatchError("HF GPT-2 checkpoint has an lm_head.weight that is not tied to wte")
-    return _transpose_conv1d(sd)
-
-
-def to_hf_state_dict(sd: dict, config: GPT2Config | None = None) -> dict:
-    """Our state dict (or one keyed like it, e.g. gradients) -> keys `GPT2LMHeadModel` loads."""
-    sd = dict(sd)
-    if "transformer.wte.weight" in sd:
-        sd.setdefault("lm_head.weight", sd["transformer.wte.weight"])  # absent from named_parameters()
-    if config is not None:
-        check_state_dict(state_dict_shapes(config), sd, source="GPT-2 state dict")
-    return _transpose_conv1d(sd)

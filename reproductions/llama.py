@@ -39,7 +39,7 @@ from torch import nn
 
 from reproductions.common import CheckpointMismatchError, check_state_dict, sample_next
 
-HF_CLASS_NAME = "LlamaForCausalLM"
+HF_CLASS = "LlamaForCausalLM"  # the reference: transformers.LlamaForCausalLM
 
 
 @dataclass(frozen=True)
@@ -78,15 +78,17 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, hf_config: Any) -> LlamaConfig:
-        """Read a `transformers.LlamaConfig`, rejecting features this file does not reproduce."""
+        """Read a `transformers.LlamaConfig` (or a config of the same family, e.g. Mistral's: a field it
+        lacks means the feature is off), rejecting features this file does not reproduce."""
         rope = hf_config.rope_parameters or {}
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
         unsupported = {
             "rope scaling": rope.get("rope_type", "default") != "default",
-            "attention_bias": hf_config.attention_bias,
-            "mlp_bias": hf_config.mlp_bias,
-            "head_dim != hidden_size / heads": hf_config.head_dim
-            != hf_config.hidden_size // hf_config.num_attention_heads,
+            "attention_bias": getattr(hf_config, "attention_bias", False),
+            "mlp_bias": getattr(hf_config, "mlp_bias", False),
+            "head_dim != hidden_size / heads": head_dim != hf_config.hidden_size // hf_config.num_attention_heads,
             "hidden_act != silu": hf_config.hidden_act != "silu",
+            "sliding-window attention": getattr(hf_config, "sliding_window", None) is not None,
         }
         if any(unsupported.values()):
             raise ValueError(f"unsupported Llama config: {[k for k, v in unsupported.items() if v]}")
@@ -103,11 +105,9 @@ class LlamaConfig:
             tie_word_embeddings=hf_config.tie_word_embeddings,
         )
 
-    def to_hf(self) -> Any:
-        """The equivalent `transformers.LlamaConfig`."""
-        from transformers import LlamaConfig as HFLlamaConfig
-
-        return HFLlamaConfig(
+    def to_hf_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of the equivalent `transformers.LlamaConfig`."""
+        return dict(
             vocab_size=self.vocab_size,
             max_position_embeddings=self.block_size,
             num_hidden_layers=self.n_layer,
@@ -288,13 +288,6 @@ class Llama(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    @classmethod
-    def from_hf_state_dict(cls, config: LlamaConfig, hf_sd: Mapping[str, torch.Tensor]) -> Llama:
-        """A model holding the weights of an HF checkpoint (checked against config)."""
-        model = cls(config)
-        model.load_state_dict(from_hf_state_dict(hf_sd, config))
-        return model
-
     def forward(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
         """Token ids (B, T) -> next-token logits (B, T, vocab_size)."""
         B, T = idx.shape
@@ -332,14 +325,34 @@ class Llama(nn.Module):
                 logits = self(out[:, i : i + 1], kv_cache=cache)[:, -1]
         return out
 
+    # ---- conversion to and from transformers.LlamaForCausalLM: the names already match ----
 
-# --- conversion to and from transformers.LlamaForCausalLM: the names already match ---------------
+    @classmethod
+    def from_hf(cls, hf_config: Any, state_dict: Mapping[str, torch.Tensor]) -> Llama:
+        """A model holding a HF `LlamaForCausalLM` checkpoint; a CheckpointMismatchError names the
+        tensors that do not fit `hf_config`."""
+        model = cls(LlamaConfig.from_hf(hf_config))
+        sd = _drop_buffers(state_dict)
+        sd = _with_tied_head(sd, model.config.tie_word_embeddings)
+        check_state_dict(_shapes(model), sd, source=f"HF {HF_CLASS} state dict")
+        model.load_state_dict(sd)
+        return model
+
+    def to_hf_state_dict(
+        self, tensors: Mapping[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """This model's tensors, or `tensors` keyed like them (e.g. gradients, possibly only some),
+        keyed as `LlamaForCausalLM` loads them (the same names; a tied lm_head filled in)."""
+        sd = _with_tied_head(self.state_dict() if tensors is None else tensors, self.config.tie_word_embeddings)
+        check_state_dict(_shapes(self), sd, source="Llama tensors", allow_missing=True)
+        return sd
 
 
-def state_dict_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of `Llama(config).state_dict()`, computed without allocating weights."""
-    with torch.device("meta"):
-        return {k: tuple(v.shape) for k, v in Llama(config).state_dict().items()}
+# --- helpers of the conversion ------------------------------------------------------------------
+
+
+def _shapes(model: Llama) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def _with_tied_head(sd: Mapping[str, torch.Tensor], tied: bool) -> dict[str, torch.Tensor]:
@@ -359,25 +372,3 @@ def _with_tied_head(sd: Mapping[str, torch.Tensor], tied: bool) -> dict[str, tor
 def _drop_buffers(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop `rotary_emb.inv_freq`, a buffer (not a weight) that older HF Llama checkpoints saved."""
     return {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
-
-
-def from_hf_state_dict(
-    hf_sd: Mapping[str, torch.Tensor], config: LlamaConfig | None = None
-) -> dict[str, torch.Tensor]:
-    """HF `LlamaForCausalLM` state dict -> ours (the names already match); checked if config given."""
-    sd = _drop_buffers(hf_sd)
-    if config is not None:
-        sd = _with_tied_head(sd, config.tie_word_embeddings)
-        check_state_dict(state_dict_shapes(config), sd, source=f"HF {HF_CLASS_NAME} state dict")
-    return sd
-
-
-def to_hf_state_dict(
-    sd: Mapping[str, torch.Tensor], config: LlamaConfig | None = None
-) -> dict[str, torch.Tensor]:
-    """Our state dict (or one keyed like it, e.g. gradients) -> `LlamaForCausalLM` keys; checked if config."""
-    if config is None:
-        return dict(sd)
-    sd = _with_tied_head(sd, config.tie_word_embeddings)
-    check_state_dict(state_dict_shapes(config), sd, source="Llama state dict")
-    return sd

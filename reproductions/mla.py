@@ -49,7 +49,7 @@ from torch import nn
 
 from reproductions.common import CheckpointMismatchError, check_state_dict, sample_next
 
-HF_CLASS_NAME = "DeepseekV2ForCausalLM"
+HF_CLASS = "DeepseekV2ForCausalLM"  # the reference: transformers.DeepseekV2ForCausalLM
 LATENT_NORM_EPS = 1e-6  # kv_a_layernorm / q_a_layernorm, fixed in DeepSeek-V2's code
 
 
@@ -122,11 +122,9 @@ class MLAConfig:
             tie_word_embeddings=hf_config.tie_word_embeddings,
         )
 
-    def to_hf(self) -> Any:
-        """The equivalent `transformers.DeepseekV2Config`, with every layer a dense MLP."""
-        from transformers import DeepseekV2Config
-
-        return DeepseekV2Config(
+    def to_hf_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of the equivalent `transformers.DeepseekV2Config`, with every layer a dense MLP."""
+        return dict(
             vocab_size=self.vocab_size,
             max_position_embeddings=self.block_size,
             num_hidden_layers=self.n_layer,
@@ -388,13 +386,6 @@ class MLAModel(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    @classmethod
-    def from_hf_state_dict(cls, config: MLAConfig, hf_sd: Mapping[str, torch.Tensor]) -> MLAModel:
-        """A model holding the weights of an HF checkpoint (checked against config)."""
-        model = cls(config)
-        model.load_state_dict(from_hf_state_dict(hf_sd, config))
-        return model
-
     def forward(self, idx: torch.Tensor, kv_cache: LatentCache | None = None) -> torch.Tensor:
         """Token ids (B, T) -> next-token logits (B, T, vocab_size)."""
         B, T = idx.shape
@@ -432,14 +423,33 @@ class MLAModel(nn.Module):
                 logits = self(out[:, i : i + 1], kv_cache=cache)[:, -1]
         return out
 
+    # ---- conversion to and from transformers.DeepseekV2ForCausalLM: the names already match ----
 
-# --- conversion to and from transformers.DeepseekV2ForCausalLM: the names already match ----------
+    @classmethod
+    def from_hf(cls, hf_config: Any, state_dict: Mapping[str, torch.Tensor]) -> MLAModel:
+        """A model holding a HF `DeepseekV2ForCausalLM` checkpoint; a CheckpointMismatchError names the
+        tensors that do not fit `hf_config`."""
+        model = cls(MLAConfig.from_hf(hf_config))
+        sd = _with_tied_head(state_dict, model.config.tie_word_embeddings)
+        check_state_dict(_shapes(model), sd, source=f"HF {HF_CLASS} state dict")
+        model.load_state_dict(sd)
+        return model
+
+    def to_hf_state_dict(
+        self, tensors: Mapping[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """This model's tensors, or `tensors` keyed like them (e.g. gradients, possibly only some),
+        keyed as `DeepseekV2ForCausalLM` loads them (the same names; a tied lm_head filled in)."""
+        sd = _with_tied_head(self.state_dict() if tensors is None else tensors, self.config.tie_word_embeddings)
+        check_state_dict(_shapes(self), sd, source="MLA tensors", allow_missing=True)
+        return sd
 
 
-def state_dict_shapes(config: MLAConfig) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of `MLAModel(config).state_dict()`, computed without allocating weights."""
-    with torch.device("meta"):
-        return {k: tuple(v.shape) for k, v in MLAModel(config).state_dict().items()}
+# --- helpers of the conversion ------------------------------------------------------------------
+
+
+def _shapes(model: MLAModel) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def _with_tied_head(sd: Mapping[str, torch.Tensor], tied: bool) -> dict[str, torch.Tensor]:
@@ -453,26 +463,4 @@ def _with_tied_head(sd: Mapping[str, torch.Tensor], tied: bool) -> dict[str, tor
         raise CheckpointMismatchError(
             "lm_head.weight differs from model.embed_tokens.weight but the config ties them"
         )
-    return sd
-
-
-def from_hf_state_dict(
-    hf_sd: Mapping[str, torch.Tensor], config: MLAConfig | None = None
-) -> dict[str, torch.Tensor]:
-    """HF `DeepseekV2ForCausalLM` (dense layers) state dict -> ours (same names); checked if config given."""
-    sd = dict(hf_sd)
-    if config is not None:
-        sd = _with_tied_head(sd, config.tie_word_embeddings)
-        check_state_dict(state_dict_shapes(config), sd, source=f"HF {HF_CLASS_NAME} state dict")
-    return sd
-
-
-def to_hf_state_dict(
-    sd: Mapping[str, torch.Tensor], config: MLAConfig | None = None
-) -> dict[str, torch.Tensor]:
-    """Our state dict (or one keyed like it, e.g. gradients) -> `DeepseekV2ForCausalLM` keys."""
-    if config is None:
-        return dict(sd)
-    sd = _with_tied_head(sd, config.tie_word_embeddings)
-    check_state_dict(state_dict_shapes(config), sd, source="MLA state dict")
     return sd

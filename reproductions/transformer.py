@@ -14,9 +14,10 @@ Training uses label smoothing eps_ls = 0.1 (Sec. 5.4; `label_smoothed_nll`) and
 the warm-up/inverse-square-root learning rate of Sec. 5.3 (`noam_lr`).
 
 Reference implementation: ``transformers.MarianMTModel`` configured by
-`TransformerConfig.to_hf` (Marian is the C++ NMT toolkit whose default model is
+`TransformerConfig.to_hf_kwargs` (Marian is the C++ NMT toolkit whose default model is
 this Transformer; Junczys-Dowmunt et al. 2018). Parameter names below follow
-Marian's, so checkpoint conversion is a short name map (`_hf_names`).
+Marian's, so checkpoint conversion is a short name map (`_hf_names`):
+`Transformer.from_hf` loads a Marian checkpoint, `Transformer.to_hf_state_dict` maps back.
 
 Where this file follows Marian rather than the paper's text, and why:
 
@@ -36,14 +37,14 @@ Where this file follows Marian rather than the paper's text, and why:
   the input lookup (it still gets one through the tied output projection).
   The paper has no padding token; Marian does this, so we do too.
 * Output bias. Marian adds a buffer ``final_logits_bias`` to the logits; the
-  paper has none. `to_hf_state_dict` writes zeros and `from_hf_state_dict`
-  refuses a checkpoint whose bias is not zero.
+  paper has none. `to_hf_state_dict` writes zeros and `from_hf` refuses a
+  checkpoint whose bias is not zero.
 * Decoder start. Marian starts decoding from ``decoder_start_token_id`` (its
   pad id in released checkpoints); the paper does not say. Here the caller
-  passes ``bos_id`` and `to_hf` sets Marian's start id to it.
+  passes ``bos_id`` and `to_hf_kwargs` sets Marian's start id to it.
 * Dropout. Only the paper's two dropouts exist (on each sub-layer output and on
-  the embedding + position sums); `to_hf` sets Marian's ``attention_dropout``
-  and ``activation_dropout`` to 0.
+  the embedding + position sums); `to_hf_kwargs` sets Marian's ``attention_dropout``
+  and ``activation_dropout`` to 0, and `from_hf` refuses configs that use them.
 * Position table length. The sinusoids have no length limit; we precompute
   ``max_len`` rows (Marian's ``max_position_embeddings``).
 * Initialisation (not compared against Marian, whose weights we copy in the
@@ -56,13 +57,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from reproductions.common import CheckpointMismatchError, check_state_dict, sample_next
+
+HF_CLASS = "MarianMTModel"  # the reference: transformers.MarianMTModel, configured by to_hf_kwargs
 
 
 @dataclass(frozen=True)
@@ -94,11 +99,31 @@ class TransformerConfig:
             raise ValueError(f"unknown config fields {unknown}; known: {', '.join(sorted(fields))}")
         return dataclasses.replace(name_to_config[name], **overrides)
 
-    def to_hf(self, bos_id: int | None = None, eos_id: int | None = None):
-        """A `transformers.MarianConfig` computing exactly this module (see the module docstring)."""
-        from transformers import MarianConfig
+    @classmethod
+    def from_hf(cls, hf_config: Any) -> TransformerConfig:
+        """Read a `transformers.MarianConfig`, refusing what this file does not compute."""
+        hf = hf_config
+        unsupported = {
+            "activation_function != relu": hf.activation_function != "relu",
+            "scale_embedding off": not hf.scale_embedding,
+            "untied embeddings": not (hf.share_encoder_decoder_embeddings and hf.tie_word_embeddings),
+            "separate decoder vocabulary": (hf.decoder_vocab_size or hf.vocab_size) != hf.vocab_size,
+            "encoder and decoder shapes differ": (hf.encoder_layers, hf.encoder_attention_heads, hf.encoder_ffn_dim)
+            != (hf.decoder_layers, hf.decoder_attention_heads, hf.decoder_ffn_dim),
+            "attention or activation dropout": bool(hf.attention_dropout or hf.activation_dropout),
+        }
+        if any(unsupported.values()):
+            raise ValueError(
+                f"cannot reproduce this Marian config: {', '.join(k for k, v in unsupported.items() if v)}"
+            )
+        return cls(vocab_size=hf.vocab_size, d_model=hf.d_model, n_layer=hf.encoder_layers,
+                   n_head=hf.encoder_attention_heads, d_ff=hf.encoder_ffn_dim, dropout=hf.dropout,
+                   max_len=hf.max_position_embeddings, pad_id=hf.pad_token_id)
 
-        return MarianConfig(
+    def to_hf_kwargs(self, bos_id: int | None = None, eos_id: int | None = None) -> dict[str, Any]:
+        """Keyword arguments of a `transformers.MarianConfig` computing exactly this module (see the
+        module docstring); bos_id is the decoder start token (default: pad_id, as released Marian)."""
+        return dict(
             vocab_size=self.vocab_size,
             decoder_vocab_size=self.vocab_size,
             d_model=self.d_model,
@@ -340,18 +365,10 @@ class Transformer(nn.Module):
 
     # ---- conversion to and from transformers.MarianMTModel ------------------------------------
 
-    def to_hf_state_dict(self) -> dict[str, torch.Tensor]:
-        """State dict that `MarianMTModel(config.to_hf()).load_state_dict(..., strict=True)` accepts."""
-        sd = {hf: p.detach() for name, p in self.named_parameters() for hf in _hf_names(name)}
-        sd["final_logits_bias"] = torch.zeros(1, self.config.vocab_size)
-        for side in ("encoder", "decoder"):
-            sd[f"model.{side}.embed_positions.weight"] = self.positions.clone()
-        return sd
-
     @classmethod
-    def from_hf_state_dict(cls, state_dict, config: TransformerConfig) -> Transformer:
-        """Build from a MarianMTModel state dict; CheckpointMismatchError if it is not this architecture."""
-        model = cls(config)
+    def from_hf(cls, hf_config: Any, state_dict: Mapping[str, torch.Tensor]) -> Transformer:
+        """A model holding a MarianMTModel checkpoint; CheckpointMismatchError if it is not this architecture."""
+        model = cls(TransformerConfig.from_hf(hf_config))
         sd = dict(state_dict)
         extras = {k: sd.pop(k) for k in _MARIAN_EXTRAS if k in sd}
         names = {name: _hf_names(name)[0] for name, _ in model.named_parameters()}  # ours -> Marian's
@@ -360,6 +377,21 @@ class Transformer(nn.Module):
         _check_extras(extras, sd["model.shared.weight"], model.positions)
         model.load_state_dict({name: sd[hf] for name, hf in names.items()}, strict=True)
         return model
+
+    def to_hf_state_dict(self, tensors: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """No argument: the state dict `MarianMTModel` loads with strict=True (the shared embedding under
+        its four tied names, a zero final_logits_bias, the sinusoid tables). `tensors` keyed like our
+        parameters (e.g. gradients, possibly only some): each under its Marian parameter name, the
+        shared embedding once, as `model.shared.weight` (Marian's named_parameters reports one)."""
+        if tensors is not None:
+            own = {k: p.shape for k, p in self.named_parameters()}
+            check_state_dict(own, tensors, source="Transformer tensors", allow_missing=True)
+            return {_hf_names(k)[0]: v for k, v in tensors.items()}
+        sd = {hf: p.detach() for name, p in self.named_parameters() for hf in _hf_names(name)}
+        sd["final_logits_bias"] = torch.zeros(1, self.config.vocab_size)
+        for side in ("encoder", "decoder"):
+            sd[f"model.{side}.embed_positions.weight"] = self.positions.clone()
+        return sd
 
 
 def _hf_names(name: str) -> list[str]:

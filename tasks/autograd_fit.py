@@ -21,13 +21,19 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.adapter import Capability, ModelAdapter
-from harness.errors import HarnessError, UnknownNameError
-from harness.models.charlm import AUTOGRAD_MODELS, AutogradModel
-from harness.registry import TASKS
-from harness.results import Metric
+from harness.api import (
+    TASKS,
+    Capability,
+    Fitter,
+    Metric,
+    MetricSpec,
+    ModelAdapter,
+    RunContext,
+    Task,
+    UnknownNameError,
+)
 from reproductions import autograd_experiments as ax
-from tasks.base import MetricSpec, RunContext, Task
+from tasks.common import FITTERS
 
 
 @dataclass(frozen=True)
@@ -43,17 +49,14 @@ class AutogradFit(Task):
     version = "1.0"
     description = "fit y = 2x - 3 and a quadratic with SGD and Adam: our autograd engine vs torch"
     config_class = AutogradFitConfig
-    needs = frozenset({Capability.TRAIN})
+    needs = frozenset({Capability.FIT})
     metrics = {
         "abs_param_error": MetricSpec(higher_is_better=False, pair_atol=1e-9, gate_atol=1e-6),
         "final_loss": MetricSpec(higher_is_better=False, pair_atol=1e-9, pair_rtol=1e-6, gate_atol=1e-6),
     }
 
-    def check(self, model: ModelAdapter) -> None:
-        super().check(model)
-        if not isinstance(model, AutogradModel):
-            raise HarnessError(f"{self.name} runs its own fitters; '{model.name}' is not one of: "
-                               + ", ".join(name for name, *_ in AUTOGRAD_MODELS))
+    def refusal(self, model: ModelAdapter, capability: Capability) -> str:
+        return f"{self.name} runs its own fitters; '{model.name}' is not one of: {', '.join(FITTERS)}"
 
     def problems(self) -> list[ax.Problem]:
         known = {p.name: p for p in ax.PROBLEMS}
@@ -73,7 +76,7 @@ class AutogradFit(Task):
                 values, losses = model.fit(data, optimizer, self.config.steps)
                 yield from self.score(problem, optimizer, model, data, values, losses)
 
-    def score(self, problem: ax.Problem, optimizer: str, model: AutogradModel, data: ax.Data,
+    def score(self, problem: ax.Problem, optimizer: str, model: Fitter, data: ax.Data,
               values: list[float], losses: list[float]) -> Iterator[Metric]:
         sub, method = f"{problem.name}/{optimizer}", model.method
         truths = [*problem.weights, ("b", problem.bias)]  # the order of `values`: weights, then the bias
@@ -97,7 +100,7 @@ def mse(data: ax.Data, params: list[float]) -> float:
 
 def autograd_section(history: pd.DataFrame, fig_dir: Path, report_dir: Path) -> str:
     """Fitted parameters against the truth for every method, and the loss curves (SGD vs Adam)."""
-    from harness.results import latest
+    from harness.api import latest
 
     rows = latest(history)
     if rows.empty:

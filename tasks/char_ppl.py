@@ -32,13 +32,21 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from harness.adapter import Capability, ModelAdapter
-from harness.errors import HarnessError
-from harness.models.charlm import RUNGS, LadderModel, Recipe, require_ladder, torch_threads
-from harness.registry import TASKS
-from harness.results import Metric
+from harness.api import (
+    TASKS,
+    Capability,
+    HarnessError,
+    Ladder,
+    Metric,
+    MetricSpec,
+    ModelAdapter,
+    Recipe,
+    RunContext,
+    Task,
+    torch_threads,
+)
 from reproductions import charlm
-from tasks.base import MetricSpec, RunContext, Task
+from tasks.common import LADDER_ORDER
 from tasks.ngram_rules import derive_seed
 
 
@@ -100,7 +108,7 @@ class CharPerplexity(Task):
     version = "1.0"
     description = "Tiny Shakespeare, character level: train each ladder model briefly, bits per char on the last 10%"
     config_class = CharPplConfig
-    needs = frozenset({Capability.TRAIN})
+    needs = frozenset({Capability.LADDER})
     metrics = {
         "bits_per_char": MetricSpec(higher_is_better=False, pair_atol=0.02, gate_atol=0.02),
         "val_loss": MetricSpec(higher_is_better=False, pair_atol=0.015, gate_atol=0.015),
@@ -108,16 +116,15 @@ class CharPerplexity(Task):
         "train_seconds": MetricSpec(higher_is_better=None, pair_atol=math.inf, gate_atol=math.inf),  # not compared
     }
 
-    def check(self, model: ModelAdapter) -> None:
-        super().check(model)
-        require_ladder(self.name, model)
+    def refusal(self, model: ModelAdapter, capability: Capability) -> str:
+        return f"{self.name} trains its own models; '{model.name}' is not one of: {', '.join(LADDER_ORDER)}"
 
     def run(self, model: ModelAdapter, ctx: RunContext) -> Iterator[Metric]:
         with torch_threads(self.config.threads):
-            metrics = list(self.train_and_score(model, ctx))
+            metrics = list(self.train_and_score(model.require(Ladder, self.name), ctx))
         yield from metrics
 
-    def train_and_score(self, model: LadderModel, ctx: RunContext) -> Iterator[Metric]:
+    def train_and_score(self, model: Ladder, ctx: RunContext) -> Iterator[Metric]:
         c, data = self.config, load_char_data(self.config)
         lm = model.new_lm(len(data.itos), c.seq_len, derive_seed(ctx.seed, "char-ppl", "init"))
         start = time.perf_counter()
@@ -156,13 +163,13 @@ class CharPerplexity(Task):
 
 def char_ppl_section(history: pd.DataFrame) -> str:
     """Markdown: bits per character in ladder order, with each model's sample."""
-    from harness.results import latest
+    from harness.api import latest
 
     rows = latest(history)
     rows = rows[rows["metric"] == "bits_per_char"]
     if rows.empty:
         return ""
-    ladder = [r.name for r in RUNGS]
+    ladder = list(LADDER_ORDER)
     rank = lambda model: ladder.index(model) if model in ladder else len(ladder)  # noqa: E731
     lines = ["### The ladder on Tiny Shakespeare", "", "| model | weights | bits/char | sample (temperature 1) |",
              "|---|---|---|---|"]

@@ -44,11 +44,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from harness.adapter import Capability, ModelAdapter
-from harness.errors import HarnessError, UnknownNameError
-from harness.registry import TASKS
-from harness.results import Metric
-from tasks.base import MetricSpec, RunContext, Task, ci_cell
+from harness.api import (
+    TASKS,
+    Capability,
+    HarnessError,
+    Metric,
+    MetricSpec,
+    ModelAdapter,
+    RunContext,
+    Task,
+    UnknownNameError,
+)
+from tasks.common import ci_cell
 
 if TYPE_CHECKING:
     import datasets
@@ -486,7 +493,7 @@ def variant(config: dict) -> str:
 
 def glue_table(history: pd.DataFrame, fig_dir: Path | None = None, report_dir: Path | None = None) -> str:
     """Markdown per budget: subtask x metric rows, one column per (model, weights), published beside."""
-    from harness.results import latest
+    from harness.api import latest
 
     history = history.assign(variant=[variant(c) if isinstance(c, dict) else "" for c in history["config"]])
     rows = latest(history, ("model", "weights", "variant", "task", "subtask", "metric"))

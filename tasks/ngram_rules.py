@@ -37,13 +37,21 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from harness.adapter import Capability, ModelAdapter
-from harness.errors import HarnessError
-from harness.models.charlm import RUNGS, LadderModel, Recipe, ScratchCharGPT, require_ladder, torch_threads
-from harness.registry import TASKS
-from harness.results import Metric
+from harness.api import (
+    TASKS,
+    Capability,
+    HarnessError,
+    Ladder,
+    Metric,
+    MetricSpec,
+    ModelAdapter,
+    Recipe,
+    RunContext,
+    Task,
+    torch_threads,
+)
 from reproductions import charlm
-from tasks.base import MetricSpec, RunContext, Task
+from tasks.common import LADDER_ORDER
 from tasks.ngram_rules_lang import TASK_VERSION, RuleLanguage, RuleSpec
 
 
@@ -77,7 +85,7 @@ class NGramRules(Task):
     description = ("synthetic rule languages that need exactly N symbols of context: train each model "
                    "of the ladder, sample, count rule-abiding sequences; nll next to the entropy bound")
     config_class = NGramRulesConfig
-    needs = frozenset({Capability.TRAIN})
+    needs = frozenset({Capability.LADDER})
     metrics = {
         # A pair shares init and batches but not rounding: training amplifies 1e-7 differences, most of
         # all when a model leaves its plateau (docs/ngram_rules.md), hence tolerances, not equality.
@@ -88,14 +96,13 @@ class NGramRules(Task):
         "train_seconds": MetricSpec(higher_is_better=None, pair_atol=math.inf, gate_atol=math.inf),  # not compared
     }
 
-    def check(self, model: ModelAdapter) -> None:
-        super().check(model)
-        require_ladder(self.name, model)
+    def refusal(self, model: ModelAdapter, capability: Capability) -> str:
+        return f"{self.name} trains its own models; '{model.name}' is not one of: {', '.join(LADDER_ORDER)}"
 
     def run(self, model: ModelAdapter, ctx: RunContext) -> Iterator[Metric]:
         for n in ctx.track(self.config.n, total=len(self.config.n), description=f"{self.name} {model.name}"):
             with torch_threads(self.config.threads):
-                metrics = list(self.run_order(model, n, ctx.seed))
+                metrics = list(self.run_order(model.require(Ladder, self.name), n, ctx.seed))
             yield from metrics
 
     def language(self, n: int, seed: int) -> RuleLanguage:
@@ -105,7 +112,7 @@ class NGramRules(Task):
         except ValueError as e:
             raise HarnessError(f"{self.name} n={n}: {e}") from e
 
-    def run_order(self, model: LadderModel, n: int, seed: int) -> Iterator[Metric]:
+    def run_order(self, model: Ladder, n: int, seed: int) -> Iterator[Metric]:
         c, lang = self.config, self.language(n, seed)
         train = lang.sample(c.train_samples, derive_seed(seed, "train", n))
         held = lang.sample(c.eval_samples, derive_seed(seed, "held-out", n))
@@ -160,9 +167,9 @@ def internals(lm: charlm.CharLM, lang: RuleLanguage, probe: torch.Tensor) -> dic
         return counts_internals(lm, lang)
     if isinstance(lm, charlm.NeuralNGram):
         return mlp_internals(lm, lang)
-    if isinstance(lm, ScratchCharGPT):
-        return {"kind": "attention", "tokens": probe[0].tolist(),
-                "maps": _round(lm.attention_maps(probe.to(_device(lm)))[:, 0].cpu(), 3)}  # (layer, head, T, T)
+    maps = lm.attention_maps(probe.to(_device(lm)))  # (layer, B, head, T, T), None without attention
+    if maps is not None:
+        return {"kind": "attention", "tokens": probe[0].tolist(), "maps": _round(maps[:, 0].cpu(), 3)}
     return {}
 
 
@@ -208,7 +215,7 @@ SOLVED = 0.5  # valid rate at which the summary counts an order as learned
 def ngram_rules_section(history: pd.DataFrame, fig_dir: Path, report_dir: Path) -> str:
     """Markdown: models x N tables, valid rate against N, training curves and model internals,
     each picture followed by a short reading (numbers in it are computed from the rows)."""
-    from harness.results import latest
+    from harness.api import latest
 
     rows = latest(history)
     if rows.empty:
@@ -253,7 +260,7 @@ def _rel(path: Path, report_dir: Path) -> str:
 
 def _labels(rows: pd.DataFrame) -> list[str]:
     """Row labels in ladder order (bigram first, the transformers last)."""
-    ladder = [r.name for r in RUNGS]
+    ladder = list(LADDER_ORDER)
     model_of = rows.drop_duplicates("label").set_index("label")["model"]
     rank = {label: ladder.index(m) if m in ladder else len(ladder) for label, m in model_of.items()}
     return sorted(model_of.index, key=lambda label: (rank[label], label))

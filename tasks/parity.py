@@ -18,11 +18,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from harness.adapter import Capability, ModelAdapter
-from harness.errors import HarnessError
-from harness.registry import TASKS
-from harness.results import Metric
-from tasks.base import MetricSpec, RunContext, Task
+from harness.api import (
+    TASKS,
+    Capability,
+    Encoder,
+    Generator,
+    HarnessError,
+    Metric,
+    MetricSpec,
+    ModelAdapter,
+    RunContext,
+    Task,
+)
 
 
 @dataclass(frozen=True)
@@ -53,13 +60,13 @@ class Parity(Task):
             return
         inputs = self.random_inputs(model, ctx.seed)
         extra = {"atol": self.config.atol, "reference": reference.name}
-        if hasattr(model, "hidden_states"):
+        if model.can(Encoder) and reference.can(Encoder):
             yield self.metric(
                 "max_abs_hidden_diff", hidden_diff(model, reference, inputs), n=inputs.numel(), extra=extra
             )
         yield self.metric("max_abs_logit_diff", logit_diff(model, reference, inputs), n=inputs.numel(), extra=extra)
         yield self.metric("max_abs_grad_diff", grad_diff(model, reference, inputs), n=inputs.numel(), extra=extra)
-        if Capability.GENERATE in model.capabilities and Capability.GENERATE in reference.capabilities:
+        if model.can(Generator) and reference.can(Generator):
             yield self.greedy(model, reference)
 
     def random_inputs(self, model: ModelAdapter, seed: int) -> torch.Tensor:
@@ -87,7 +94,7 @@ class Parity(Task):
 
 def parity_table(history) -> str:
     """Markdown: one row per (scratch model, weights) with every parity metric and a verdict."""
-    from harness.results import latest
+    from harness.api import latest
 
     rows = latest(history)
     if rows.empty:

@@ -2,7 +2,7 @@
 
 Definition (lm-evaluation-harness, task `wikitext` v2.0):
 - documents are the 62 articles of the raw test file, split at top-level headings (` = Title = `);
-- the target text is the document after wikitext detokenization (`detokenize` below);
+- the target text is the document after wikitext detokenization (`harness.api.data.detokenize`);
 - rolling log-likelihood over windows of the model's maximum length; the first token is conditioned
   on the end-of-text token; later windows are disjoint in what they score but always see a full
   window of context (so the last window overlaps);
@@ -27,14 +27,8 @@ from typing import Literal
 
 import torch
 
-from harness.adapter import Capability, ModelAdapter
-from harness.errors import HarnessError
-from harness.registry import TASKS
-from harness.results import Metric
-from tasks.base import MetricSpec, RunContext, Task
-
-DATA_DIR = Path(__file__).resolve().parent / "data" / "wikitext-2-raw"
-HEADING = re.compile(r" = [^=].* = ")
+from harness.api import TASKS, Capability, HarnessError, Metric, MetricSpec, ModelAdapter, RunContext, Task
+from harness.api.data import detokenize, load_wikitext_documents, read_text
 
 
 @dataclass(frozen=True)
@@ -50,57 +44,6 @@ class PplConfig:
 class Document:
     original: str  # as in the file: counts words and bytes
     target: str  # what the model scores
-
-
-def load_wikitext_documents(split: str = "test") -> list[str]:
-    """The raw file cut into articles: each is the exact text from one top-level heading to the next."""
-    path = DATA_DIR / f"wiki.{split}.raw"
-    lines = _read_text(path).split("\n")
-    starts = [i for i, line in enumerate(lines) if HEADING.fullmatch(line)]
-    if not starts:
-        raise HarnessError(f"{path}: no top-level headings (' = Title = ') found; is this WikiText raw?")
-    bounds = [*starts, len(lines)]
-    return ["\n".join(lines[a:b]) for a, b in zip(bounds, bounds[1:])]
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError as e:
-        raise HarnessError(f"data file '{path}' not found") from e
-    except (OSError, UnicodeDecodeError) as e:
-        raise HarnessError(f"cannot read '{path}' as UTF-8 text: {e}") from e
-
-
-# (pattern, replacement, is_regex) in the order lm-eval applies them.
-_DETOKENIZE_RULES: list[tuple[str, str, bool]] = [
-    ("s '", "s'", False),
-    (r"/' [0-9]/", r"/'[0-9]/", True),
-    (" @-@ ", "-", False),
-    (" @,@ ", ",", False),
-    (" @.@ ", ".", False),
-    *[(f" {p} ", f"{p} ", False) for p in (":", ";", ".", "!", "?", ",")],
-    (r"\(\s*([^\)]*?)\s*\)", r"(\1)", True),
-    (r"\[\s*([^\]]*?)\s*\]", r"[\1]", True),
-    (r"{\s*([^}]*?)\s*}", r"{\1}", True),
-    (r"\"\s*([^\"]*?)\s*\"", r'"\1"', True),
-    (r"'\s*([^']*?)\s*'", r"'\1'", True),
-    ("= = = =", "====", False),
-    ("= = =", "===", False),
-    ("= =", "==", False),
-    (" \N{DEGREE SIGN} ", "\N{DEGREE SIGN}", False),
-    (" \n", "\n", False),
-    ("\n ", "\n", False),
-    (" N ", " 1 ", False),
-    (" 's", "'s", False),
-]
-
-
-def detokenize(text: str) -> str:
-    """Undo WikiText's tokenization (` @-@ `, spaced punctuation, ...), as lm-eval's wikitext task does."""
-    for pattern, repl, is_regex in _DETOKENIZE_RULES:
-        text = re.sub(pattern, repl, text) if is_regex else text.replace(pattern, repl)
-    return text
 
 
 def rolling_windows(tokens: list[int], eot_id: int, max_length: int, stride: int) -> list[tuple[list[int], int]]:
@@ -130,7 +73,7 @@ class Perplexity(Task):
 
     def documents(self, limit: int | None) -> list[Document]:
         if self.config.file:
-            text = _read_text(Path(self.config.file))
+            text = read_text(Path(self.config.file))
             docs = [Document(text, text)]
         else:
             docs = [Document(d, detokenize(d)) for d in load_wikitext_documents(self.config.split)]

@@ -34,14 +34,21 @@ import numpy as np
 import pandas as pd
 import torch
 
-from harness.adapter import Capability, ModelAdapter
-from harness.errors import HarnessError, UnknownNameError
-from harness.models.charlm import torch_threads
-from harness.models.seq2seq import pad_right
-from harness.registry import TASKS
-from harness.results import Metric
+from harness.api import (
+    TASKS,
+    Capability,
+    HarnessError,
+    Metric,
+    MetricSpec,
+    ModelAdapter,
+    RunContext,
+    Task,
+    UnknownNameError,
+    pad_right,
+    torch_threads,
+)
 from reproductions.transformer import label_smoothed_nll, noam_lr
-from tasks.base import MetricSpec, RunContext, Task, ci_cell
+from tasks.common import ci_cell
 
 
 @dataclass(frozen=True)
@@ -289,7 +296,7 @@ class Seq2Seq(Task):
 
 def seq2seq_table(history: pd.DataFrame) -> str:
     """Markdown: one row per subtask, exact match [95% CI] per (model, weights), then budget and time."""
-    from harness.results import latest
+    from harness.api import latest
 
     rows = latest(history)
     scores = rows[rows["metric"] == "exact_match"]

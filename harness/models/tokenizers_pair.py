@@ -25,11 +25,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import nn
 
-from harness.adapter import Capability, ModelAdapter, ModelInfo, ModelSpec
-from harness.errors import HarnessError
-from harness.registry import MODELS
-from harness.tokenizer import GPT2_EOT, TextTokenizer, gpt2_bpe_files, gpt2_tokenizer
-from harness.weights import ArchSpec, Weights
+from harness.api import MODELS, ArchSpec, Capability, HarnessError, ModelAdapter, ModelInfo, ModelSpec, Weights
+from harness.api.tokenizer import GPT2_EOT, TextTokenizer, gpt2_bpe_files, gpt2_tokenizer
 from reproductions.bpe import ByteBPE
 
 Merges = list[tuple[str, str]]

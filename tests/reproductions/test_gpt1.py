@@ -14,9 +14,13 @@ import torch
 import torch.nn.functional as F
 
 from reproductions.common import CheckpointMismatchError
-from reproductions.gpt1 import GPT1, GPT1Config, KVCache, from_hf_state_dict, name_to_config, to_hf_state_dict
+from reproductions.gpt1 import GPT1, GPT1Config, KVCache, name_to_config
 
 transformers = pytest.importorskip("transformers")
+
+
+def hf_config(cfg: GPT1Config):
+    return transformers.OpenAIGPTConfig(**cfg.to_hf_kwargs())
 
 ATOL = 1e-5
 INIT_STD = 0.05  # 2.5x HF's 0.02: sharper attention, GELU/SiLU off their linear range, so slips show
@@ -35,7 +39,7 @@ CONFIGS = [
 def make_pair(cfg: GPT1Config, seed: int = 0) -> tuple[GPT1, torch.nn.Module]:
     """A seeded random HF GPT-1 and our model holding the same weights, both in eval mode."""
     torch.manual_seed(seed)
-    hf = transformers.OpenAIGPTLMHeadModel(cfg.to_hf()).eval()
+    hf = transformers.OpenAIGPTLMHeadModel(hf_config(cfg)).eval()
     with torch.no_grad():
         for p in hf.parameters():
             if p.dim() == 1:  # LayerNorm gains/biases and Linear biases
@@ -43,7 +47,7 @@ def make_pair(cfg: GPT1Config, seed: int = 0) -> tuple[GPT1, torch.nn.Module]:
             else:
                 p.normal_(0.0, INIT_STD)
     hf.generation_config.eos_token_id = None  # generate exactly max_new_tokens
-    return GPT1.from_hf_state_dict(cfg, hf.state_dict()).eval(), hf
+    return GPT1.from_hf(hf.config, hf.state_dict()).eval(), hf
 
 
 def random_tokens(cfg: GPT1Config, shape=(2, 16), seed: int = 1) -> torch.Tensor:
@@ -69,7 +73,7 @@ def test_gradients_match_hf_in_hf_layout(cfg):
     idx, targets = random_tokens(cfg, seed=1), random_tokens(cfg, seed=2)
     for logits in (ours(idx), hf(idx).logits):
         F.cross_entropy(logits.view(-1, cfg.vocab_size), targets.view(-1)).backward()
-    ours_grads = to_hf_state_dict({k: p.grad for k, p in ours.named_parameters()}, cfg)
+    ours_grads = ours.to_hf_state_dict({k: p.grad for k, p in ours.named_parameters()})
     hf_grads = {k: p.grad for k, p in hf.named_parameters()}
     assert hf_grads.keys() <= ours_grads.keys()
     for k, g in hf_grads.items():
@@ -104,8 +108,8 @@ def test_cached_logits_match_uncached(cfg):
 def test_state_dict_round_trip(tiny_pair):
     ours, hf = tiny_pair
     hf_sd, sd = hf.state_dict(), ours.state_dict()
-    back_to_hf = to_hf_state_dict(from_hf_state_dict(hf_sd, ours.config), ours.config)
-    back_to_ours = from_hf_state_dict(to_hf_state_dict(sd, ours.config), ours.config)
+    back_to_hf = GPT1.from_hf(hf.config, hf_sd).to_hf_state_dict()
+    back_to_ours = GPT1.from_hf(hf.config, ours.to_hf_state_dict()).state_dict()
     assert back_to_hf.keys() == hf_sd.keys() and back_to_ours.keys() == sd.keys()
     for k in hf_sd:
         torch.testing.assert_close(back_to_hf[k], hf_sd[k], atol=0, rtol=0, msg=k)
@@ -117,7 +121,7 @@ def test_hub_style_checkpoint_loads(tiny_pair):
     """Hub files of the bare OpenAIGPTModel have no `transformer.` prefix and no lm_head."""
     ours, hf = tiny_pair
     hub_sd = {k.removeprefix("transformer."): v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
-    loaded = GPT1.from_hf_state_dict(ours.config, hub_sd)
+    loaded = GPT1.from_hf(hf.config, hub_sd)
     for k, v in ours.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[k], v, atol=0, rtol=0, msg=k)
 
@@ -144,14 +148,14 @@ def test_mismatched_checkpoint_names_the_key(tiny_pair, corrupt):
     hf_sd = dict(tiny_pair[1].state_dict())
     named = corrupt(hf_sd)
     with pytest.raises(CheckpointMismatchError, match=named.replace("(", r"\(").replace(")", r"\)")):
-        GPT1.from_hf_state_dict(GPT1Config.from_name("tiny"), hf_sd)
+        GPT1.from_hf(hf_config(GPT1Config.from_name("tiny")), hf_sd)
 
 
 def test_untied_head_is_rejected(tiny_pair):
     hf_sd = dict(tiny_pair[1].state_dict())
     hf_sd["lm_head.weight"] = torch.zeros_like(hf_sd["lm_head.weight"])
     with pytest.raises(CheckpointMismatchError, match="lm_head.weight"):
-        from_hf_state_dict(hf_sd)
+        GPT1.from_hf(tiny_pair[1].config, hf_sd)
 
 
 @pytest.mark.parametrize(
@@ -179,7 +183,7 @@ def test_generate_refuses_to_exceed_block_size(tiny_pair):
 @pytest.mark.parametrize("name", list(name_to_config))
 def test_hf_config_round_trip(name):
     cfg = GPT1Config.from_name(name)
-    assert GPT1Config.from_hf(cfg.to_hf()) == cfg
+    assert GPT1Config.from_hf(hf_config(cfg)) == cfg
 
 
 def test_unknown_size_lists_known_names():
@@ -190,7 +194,7 @@ def test_unknown_size_lists_known_names():
 def test_parameter_count_matches_published_117m():
     cfg = GPT1Config.from_name("gpt1")
     with torch.device("meta"):  # shapes only: nothing is allocated
-        ours, hf = GPT1(cfg), transformers.OpenAIGPTLMHeadModel(cfg.to_hf())
+        ours, hf = GPT1(cfg), transformers.OpenAIGPTLMHeadModel(hf_config(cfg))
     assert ours.num_params() == hf.num_parameters() == 116_534_784  # the paper's "117M"
 
 

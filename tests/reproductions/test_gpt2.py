@@ -17,11 +17,13 @@ from reproductions.gpt2 import (
     GPT2,
     GPT2Config,
     KVCache,
-    from_hf_state_dict,
-    to_hf_state_dict,
 )
 
 transformers = pytest.importorskip("transformers")
+
+
+def hf_config(cfg: GPT2Config):
+    return transformers.GPT2Config(**cfg.to_hf_kwargs())
 
 ATOL = 1e-5
 TINY_CONFIGS = [
@@ -40,13 +42,13 @@ def make_pair(cfg: GPT2Config, seed: int = 0, init_std: float | None = None) -> 
     3e-4 while the correct model stays within 5e-7 of HF (measured).
     """
     torch.manual_seed(seed)
-    hf = transformers.GPT2LMHeadModel(cfg.to_hf()).eval()
+    hf = transformers.GPT2LMHeadModel(hf_config(cfg)).eval()
     if init_std is not None:
         with torch.no_grad():
             for p in hf.parameters():
                 p.normal_(0.0, init_std)
     hf.generation_config.eos_token_id = None  # generate exactly max_new_tokens, never stop early
-    return GPT2.from_hf_state_dict(cfg, hf.state_dict()).eval(), hf
+    return GPT2.from_hf(hf.config, hf.state_dict()).eval(), hf
 
 
 def random_tokens(cfg: GPT2Config, shape=(2, 16), seed: int = 1) -> torch.Tensor:
@@ -79,7 +81,7 @@ def test_right_padded_batch_matches_hf(tiny_pair):
 
 def test_hf_config_round_trip():
     cfg = GPT2Config.from_name("tiny", dropout=0.1, layer_norm_eps=1e-6)
-    assert GPT2Config.from_hf(cfg.to_hf()) == cfg
+    assert GPT2Config.from_hf(hf_config(cfg)) == cfg
 
 
 def test_unknown_size_lists_known_names():
@@ -88,8 +90,9 @@ def test_unknown_size_lists_known_names():
 
 
 def test_state_dict_round_trip(tiny_pair):
-    hf_sd = tiny_pair[1].state_dict()
-    back = to_hf_state_dict(from_hf_state_dict(hf_sd))
+    hf = tiny_pair[1]
+    hf_sd = hf.state_dict()
+    back = GPT2.from_hf(hf.config, hf_sd).to_hf_state_dict()
     assert back.keys() == hf_sd.keys()
     for k in hf_sd:
         torch.testing.assert_close(back[k], hf_sd[k], atol=0, rtol=0, msg=k)
@@ -100,7 +103,7 @@ def test_hub_style_checkpoint_loads(tiny_pair):
     ours, hf = tiny_pair
     hub_sd = {k.removeprefix("transformer."): v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
     hub_sd["h.0.attn.bias"] = torch.ones(1, 1, 64, 64)  # old transformers' causal-mask buffer
-    loaded = GPT2.from_hf_state_dict(ours.config, hub_sd)
+    loaded = GPT2.from_hf(hf.config, hub_sd)
     for k, v in ours.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[k], v, atol=0, rtol=0, msg=k)
 
@@ -111,7 +114,7 @@ def test_gradients_match_hf_in_hf_layout():
     idx, targets = random_tokens(cfg, seed=1), random_tokens(cfg, seed=2)
     for logits in (ours(idx), hf(idx).logits):
         F.cross_entropy(logits.view(-1, cfg.vocab_size), targets.view(-1)).backward()
-    ours_grads = to_hf_state_dict({k: p.grad for k, p in ours.named_parameters()}, cfg)
+    ours_grads = ours.to_hf_state_dict({k: p.grad for k, p in ours.named_parameters()})
     hf_grads = {k: p.grad for k, p in hf.named_parameters()}
     assert any(k.endswith(CONV1D_WEIGHTS) for k in hf_grads)
     for k, g in hf_grads.items():
@@ -178,14 +181,14 @@ def test_mismatched_checkpoint_names_the_key(tiny_pair, corrupt):
     hf_sd = dict(tiny_pair[1].state_dict())
     named = corrupt(hf_sd)
     with pytest.raises(CheckpointMismatchError, match=named.replace("(", r"\(").replace(")", r"\)")):
-        GPT2.from_hf_state_dict(GPT2Config.from_name("tiny"), hf_sd)
+        GPT2.from_hf(hf_config(GPT2Config.from_name("tiny")), hf_sd)
 
 
 def test_untied_head_is_rejected(tiny_pair):
     hf_sd = dict(tiny_pair[1].state_dict())
     hf_sd["lm_head.weight"] = torch.zeros_like(hf_sd["lm_head.weight"])
     with pytest.raises(CheckpointMismatchError, match="lm_head.weight"):
-        from_hf_state_dict(hf_sd)
+        GPT2.from_hf(tiny_pair[1].config, hf_sd)
 
 
 PUBLISHED_PARAMS = {"gpt2": 124_439_808, "gpt2-medium": 354_823_168,
@@ -196,7 +199,7 @@ PUBLISHED_PARAMS = {"gpt2": 124_439_808, "gpt2-medium": 354_823_168,
 def test_parameter_counts_match_published_sizes(name):
     cfg = GPT2Config.from_name(name)
     with torch.device("meta"):  # shapes only: nothing is allocated
-        ours, hf = GPT2(cfg), transformers.GPT2LMHeadModel(cfg.to_hf())
+        ours, hf = GPT2(cfg), transformers.GPT2LMHeadModel(hf_config(cfg))
     assert ours.num_params(non_embedding=False) == hf.num_parameters() == PUBLISHED_PARAMS[name]
     assert ours.num_params() == PUBLISHED_PARAMS[name] - cfg.block_size * cfg.n_embd
 

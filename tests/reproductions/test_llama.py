@@ -19,12 +19,14 @@ from reproductions.llama import (
     KVCache,
     Llama,
     LlamaConfig,
-    from_hf_state_dict,
     name_to_config,
-    to_hf_state_dict,
 )
 
 transformers = pytest.importorskip("transformers")
+
+
+def hf_config(cfg: LlamaConfig):
+    return transformers.LlamaConfig(**cfg.to_hf_kwargs())
 
 ATOL = 1e-5
 INIT_STD = 0.05  # 2.5x HF's 0.02: sharper attention, GELU/SiLU off their linear range, so slips show
@@ -52,7 +54,7 @@ CONFIGS = [
 def make_pair(cfg: LlamaConfig, seed: int = 0) -> tuple[Llama, torch.nn.Module]:
     """A seeded random HF Llama and our model holding the same weights, both in eval mode."""
     torch.manual_seed(seed)
-    hf = transformers.LlamaForCausalLM(cfg.to_hf()).eval()
+    hf = transformers.LlamaForCausalLM(hf_config(cfg)).eval()
     with torch.no_grad():
         for p in hf.parameters():
             if p.dim() == 1:  # RMSNorm gains
@@ -60,7 +62,7 @@ def make_pair(cfg: LlamaConfig, seed: int = 0) -> tuple[Llama, torch.nn.Module]:
             else:
                 p.normal_(0.0, INIT_STD)
     hf.generation_config.eos_token_id = None  # generate exactly max_new_tokens
-    return Llama.from_hf_state_dict(cfg, hf.state_dict()).eval(), hf
+    return Llama.from_hf(hf.config, hf.state_dict()).eval(), hf
 
 
 def random_tokens(cfg: LlamaConfig, shape=(2, 16), seed: int = 1) -> torch.Tensor:
@@ -86,7 +88,7 @@ def test_gradients_match_hf_in_hf_layout(cfg):
     idx, targets = random_tokens(cfg, seed=1), random_tokens(cfg, seed=2)
     for logits in (ours(idx), hf(idx).logits):
         F.cross_entropy(logits.view(-1, cfg.vocab_size), targets.view(-1)).backward()
-    ours_grads = to_hf_state_dict({k: p.grad for k, p in ours.named_parameters()}, cfg)
+    ours_grads = ours.to_hf_state_dict({k: p.grad for k, p in ours.named_parameters()})
     hf_grads = {k: p.grad for k, p in hf.named_parameters()}
     assert hf_grads.keys() <= ours_grads.keys()
     for k, g in hf_grads.items():
@@ -123,8 +125,8 @@ def test_cached_logits_match_uncached(cfg):
 def test_state_dict_round_trip(cfg):
     ours, hf = make_pair(cfg)
     hf_sd, sd = hf.state_dict(), ours.state_dict()
-    back_to_hf = to_hf_state_dict(from_hf_state_dict(hf_sd, cfg), cfg)
-    back_to_ours = from_hf_state_dict(to_hf_state_dict(sd, cfg), cfg)
+    back_to_hf = Llama.from_hf(hf.config, hf_sd).to_hf_state_dict()
+    back_to_ours = Llama.from_hf(hf.config, ours.to_hf_state_dict()).state_dict()
     assert back_to_hf.keys() == hf_sd.keys() and back_to_ours.keys() == sd.keys()
     for k in hf_sd:
         torch.testing.assert_close(back_to_hf[k], hf_sd[k], atol=0, rtol=0, msg=k)
@@ -138,7 +140,7 @@ def test_checkpoint_without_tied_head_or_with_rope_buffers_loads():
     ours, hf = make_pair(cfg)
     hub_sd = {k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
     hub_sd["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.zeros(cfg.head_dim // 2)
-    loaded = Llama.from_hf_state_dict(cfg, hub_sd)
+    loaded = Llama.from_hf(hf.config, hub_sd)
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     for k, v in ours.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[k], v, atol=0, rtol=0, msg=k)
@@ -166,7 +168,7 @@ def test_mismatched_checkpoint_names_the_key(tiny_pair, corrupt):
     hf_sd = dict(tiny_pair[1].state_dict())
     named = corrupt(hf_sd)
     with pytest.raises(CheckpointMismatchError, match=named.replace("(", r"\(").replace(")", r"\)")):
-        Llama.from_hf_state_dict(LlamaConfig.from_name("tiny"), hf_sd)
+        Llama.from_hf(hf_config(LlamaConfig.from_name("tiny")), hf_sd)
 
 
 def test_untied_head_is_rejected_when_config_ties():
@@ -174,7 +176,7 @@ def test_untied_head_is_rejected_when_config_ties():
     hf_sd = dict(make_pair(cfg)[1].state_dict())
     hf_sd["lm_head.weight"] = torch.zeros_like(hf_sd["lm_head.weight"])
     with pytest.raises(CheckpointMismatchError, match="lm_head.weight"):
-        from_hf_state_dict(hf_sd, cfg)
+        Llama.from_hf(hf_config(cfg), hf_sd)
 
 
 @pytest.mark.parametrize(
@@ -196,14 +198,14 @@ def test_sampling_is_reproducible_with_a_seeded_generator(tiny_pair, top_k, top_
 @pytest.mark.parametrize("name", list(name_to_config))
 def test_hf_config_round_trip(name):
     cfg = LlamaConfig.from_name(name)
-    assert LlamaConfig.from_hf(cfg.to_hf()) == cfg
+    assert LlamaConfig.from_hf(hf_config(cfg)) == cfg
 
 
 def test_rope_scaling_is_refused():
-    hf_config = LlamaConfig.from_name("tiny").to_hf()
-    hf_config.rope_parameters = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}
+    config = hf_config(LlamaConfig.from_name("tiny"))
+    config.rope_parameters = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}
     with pytest.raises(ValueError, match="rope scaling"):
-        LlamaConfig.from_hf(hf_config)
+        LlamaConfig.from_hf(config)
 
 
 def test_unknown_size_lists_known_names():
@@ -223,7 +225,7 @@ PUBLISHED_PARAMS = {
 def test_parameter_counts_match_published_sizes(name):
     cfg = LlamaConfig.from_name(name)
     with torch.device("meta"):  # shapes only: nothing is allocated
-        ours, hf = Llama(cfg), transformers.LlamaForCausalLM(cfg.to_hf())
+        ours, hf = Llama(cfg), transformers.LlamaForCausalLM(hf_config(cfg))
     assert ours.num_params() == hf.num_parameters() == PUBLISHED_PARAMS[name]
 
 
@@ -231,3 +233,12 @@ def test_gqa_shrinks_the_kv_cache():
     llama2, llama3 = LlamaConfig.from_name("llama2-7b"), LlamaConfig.from_name("llama3-8b")
     assert llama2.kv_floats_per_token == 2 * 32 * 4096
     assert llama3.kv_floats_per_token * 4 == llama2.kv_floats_per_token  # 8 KV heads instead of 32
+
+
+def test_configs_of_the_family_read_missing_fields_as_off_and_sliding_windows_are_refused():
+    """Mistral's config has no attention_bias/mlp_bias (off); its sliding window is not reproduced."""
+    kwargs = LlamaConfig.from_name("tiny").to_hf_kwargs()
+    mistral = transformers.MistralConfig(**kwargs, sliding_window=None)
+    assert LlamaConfig.from_hf(mistral) == LlamaConfig.from_name("tiny")
+    with pytest.raises(ValueError, match="sliding-window attention"):
+        LlamaConfig.from_hf(transformers.MistralConfig(**kwargs, sliding_window=16))

@@ -20,12 +20,14 @@ from reproductions.mla import (
     LatentCache,
     MLAConfig,
     MLAModel,
-    from_hf_state_dict,
     name_to_config,
-    to_hf_state_dict,
 )
 
 transformers = pytest.importorskip("transformers")
+
+
+def hf_config(cfg: MLAConfig):
+    return transformers.DeepseekV2Config(**cfg.to_hf_kwargs())
 
 ATOL = 1e-5
 INIT_STD = 0.05  # 2.5x HF's 0.02: sharper attention, GELU/SiLU off their linear range, so slips show
@@ -58,7 +60,7 @@ CONFIGS = [
 def make_pair(cfg: MLAConfig, seed: int = 0) -> tuple[MLAModel, torch.nn.Module]:
     """A seeded random HF DeepSeek-V2 (dense) and our model holding the same weights, both in eval mode."""
     torch.manual_seed(seed)
-    hf = transformers.DeepseekV2ForCausalLM(cfg.to_hf()).eval()
+    hf = transformers.DeepseekV2ForCausalLM(hf_config(cfg)).eval()
     with torch.no_grad():
         for p in hf.parameters():
             if p.dim() == 1:  # RMSNorm gains, including the latent norms
@@ -66,7 +68,7 @@ def make_pair(cfg: MLAConfig, seed: int = 0) -> tuple[MLAModel, torch.nn.Module]
             else:
                 p.normal_(0.0, INIT_STD)
     hf.generation_config.eos_token_id = None  # generate exactly max_new_tokens
-    return MLAModel.from_hf_state_dict(cfg, hf.state_dict()).eval(), hf
+    return MLAModel.from_hf(hf.config, hf.state_dict()).eval(), hf
 
 
 def random_tokens(cfg: MLAConfig, shape=(2, 16), seed: int = 1) -> torch.Tensor:
@@ -92,7 +94,7 @@ def test_gradients_match_hf_in_hf_layout(cfg):
     idx, targets = random_tokens(cfg, seed=1), random_tokens(cfg, seed=2)
     for logits in (ours(idx), hf(idx).logits):
         F.cross_entropy(logits.view(-1, cfg.vocab_size), targets.view(-1)).backward()
-    ours_grads = to_hf_state_dict({k: p.grad for k, p in ours.named_parameters()}, cfg)
+    ours_grads = ours.to_hf_state_dict({k: p.grad for k, p in ours.named_parameters()})
     hf_grads = {k: p.grad for k, p in hf.named_parameters()}
     assert hf_grads.keys() <= ours_grads.keys()
     for k, g in hf_grads.items():
@@ -139,8 +141,8 @@ def test_cache_holds_only_the_latent():
 def test_state_dict_round_trip(cfg):
     ours, hf = make_pair(cfg)
     hf_sd, sd = hf.state_dict(), ours.state_dict()
-    back_to_hf = to_hf_state_dict(from_hf_state_dict(hf_sd, cfg), cfg)
-    back_to_ours = from_hf_state_dict(to_hf_state_dict(sd, cfg), cfg)
+    back_to_hf = MLAModel.from_hf(hf.config, hf_sd).to_hf_state_dict()
+    back_to_ours = MLAModel.from_hf(hf.config, ours.to_hf_state_dict()).state_dict()
     assert back_to_hf.keys() == hf_sd.keys() and back_to_ours.keys() == sd.keys()
     for k in hf_sd:
         torch.testing.assert_close(back_to_hf[k], hf_sd[k], atol=0, rtol=0, msg=k)
@@ -177,14 +179,14 @@ def test_mismatched_checkpoint_names_the_key(tiny_pair, corrupt):
     hf_sd = dict(tiny_pair[1].state_dict())
     named = corrupt(hf_sd)
     with pytest.raises(CheckpointMismatchError, match=named.replace("(", r"\(").replace(")", r"\)")):
-        MLAModel.from_hf_state_dict(MLAConfig.from_name("tiny"), hf_sd)
+        MLAModel.from_hf(hf_config(MLAConfig.from_name("tiny")), hf_sd)
 
 
 def test_moe_config_is_refused():
-    hf_config = MLAConfig.from_name("tiny").to_hf()
-    hf_config.first_k_dense_replace = 1  # layer 1 would be DeepSeekMoE
+    config = hf_config(MLAConfig.from_name("tiny"))
+    config.first_k_dense_replace = 1  # layer 1 would be DeepSeekMoE
     with pytest.raises(ValueError, match="MoE layers"):
-        MLAConfig.from_hf(hf_config)
+        MLAConfig.from_hf(config)
 
 
 @pytest.mark.parametrize(
@@ -206,7 +208,7 @@ def test_sampling_is_reproducible_with_a_seeded_generator(tiny_pair, top_k, top_
 @pytest.mark.parametrize("name", list(name_to_config))
 def test_hf_config_round_trip(name):
     cfg = MLAConfig.from_name(name)
-    assert MLAConfig.from_hf(cfg.to_hf()) == cfg
+    assert MLAConfig.from_hf(hf_config(cfg)) == cfg
 
 
 def test_unknown_size_lists_known_names():
@@ -218,7 +220,7 @@ def test_v2_lite_dense_parameter_count_matches_hf():
     """No published count exists for an all-dense V2-Lite; check the arithmetic against HF on meta."""
     cfg = MLAConfig.from_name("deepseek-v2-lite-dense")
     with torch.device("meta"):  # shapes only: nothing is allocated
-        ours, hf = MLAModel(cfg), transformers.DeepseekV2ForCausalLM(cfg.to_hf())
+        ours, hf = MLAModel(cfg), transformers.DeepseekV2ForCausalLM(hf_config(cfg))
     attn = 2048 * 16 * 192 + 2048 * (512 + 64) + 512 + 512 * 16 * (128 + 128) + 16 * 128 * 2048
     layer = attn + 3 * 2048 * 10944 + 2 * 2048
     assert ours.num_params() == hf.num_parameters() == 27 * layer + 2 * 102400 * 2048 + 2048

@@ -20,6 +20,10 @@ transformers = pytest.importorskip("transformers")
 ATOL = 1e-5
 BOS, EOS, PAD = 1, 2, 0
 
+
+def hf_config(config: TransformerConfig, **ids):
+    return transformers.MarianConfig(**config.to_hf_kwargs(**ids))
+
 CONFIGS = {
     "tiny": TransformerConfig.from_name("tiny", dropout=0.0),
     # not registered: odd sizes (3 heads of 8, one layer, odd vocab) catch shape assumptions
@@ -29,10 +33,10 @@ CONFIGS = {
 
 def random_marian(config: TransformerConfig, attn: str = "eager", seed: int = 0):
     """A MarianMTModel with every trainable tensor (biases and norms too) redrawn from a seeded normal."""
-    hf_config = config.to_hf(bos_id=BOS, eos_id=EOS)
-    hf_config._attn_implementation = attn
+    marian_config = hf_config(config, bos_id=BOS, eos_id=EOS)
+    marian_config._attn_implementation = attn
     torch.manual_seed(seed)
-    hf = transformers.MarianMTModel(hf_config).eval()
+    hf = transformers.MarianMTModel(marian_config).eval()
     with torch.no_grad():
         for name, p in hf.named_parameters():
             if p.requires_grad:  # not the frozen sinusoid tables
@@ -43,7 +47,7 @@ def random_marian(config: TransformerConfig, attn: str = "eager", seed: int = 0)
 
 def pair(config: TransformerConfig, attn: str = "eager"):
     hf = random_marian(config, attn)
-    ours = Transformer.from_hf_state_dict(hf.state_dict(), config).eval()
+    ours = Transformer.from_hf(hf.config, hf.state_dict()).eval()
     return ours, hf
 
 
@@ -93,9 +97,9 @@ def test_round_trip_loads_strictly_into_marian():
     config = CONFIGS["tiny"]
     torch.manual_seed(0)
     ours = Transformer(config).eval()
-    hf_config = config.to_hf(bos_id=BOS, eos_id=EOS)
-    hf_config._attn_implementation = "eager"
-    hf = transformers.MarianMTModel(hf_config).eval()
+    marian_config = hf_config(config, bos_id=BOS, eos_id=EOS)
+    marian_config._attn_implementation = "eager"
+    hf = transformers.MarianMTModel(marian_config).eval()
     hf.load_state_dict(ours.to_hf_state_dict(), strict=True)
     src, tgt, src_mask = batch(config)
     with torch.no_grad():
@@ -163,14 +167,23 @@ def test_mismatched_checkpoint_is_refused():
     sd = random_marian(config).state_dict()
     wider = TransformerConfig.from_name("tiny", d_model=48)
     with pytest.raises(CheckpointMismatchError, match="shape mismatch"):
-        Transformer.from_hf_state_dict(sd, wider)
+        Transformer.from_hf(hf_config(wider), sd)
     del sd["model.decoder.layers.1.fc2.bias"]
     with pytest.raises(CheckpointMismatchError, match="missing keys.*fc2.bias"):
-        Transformer.from_hf_state_dict(sd, config)
+        Transformer.from_hf(hf_config(config), sd)
     sd = random_marian(config).state_dict()
     sd["final_logits_bias"] = torch.ones_like(sd["final_logits_bias"])
     with pytest.raises(CheckpointMismatchError, match="final_logits_bias"):
-        Transformer.from_hf_state_dict(sd, config)
+        Transformer.from_hf(hf_config(config), sd)
+
+
+def test_marian_configs_it_does_not_compute_are_refused():
+    with pytest.raises(ValueError, match="activation_function != relu"):
+        TransformerConfig.from_hf(transformers.MarianConfig(activation_function="swish"))
+    untied = hf_config(CONFIGS["tiny"])
+    untied.share_encoder_decoder_embeddings = False
+    with pytest.raises(ValueError, match="untied embeddings"):
+        TransformerConfig.from_hf(untied)
 
 
 def test_positions_match_marian_layout():
@@ -192,7 +205,7 @@ def test_parameter_count_matches_marian_and_paper(name, paper):
     config = TransformerConfig.from_name(name)
     with torch.device("meta"):
         ours = Transformer(config)
-        hf = transformers.MarianMTModel(config.to_hf())
+        hf = transformers.MarianMTModel(hf_config(config))
     assert param_count(ours) == param_count(hf)
     assert abs(param_count(ours) - paper) / paper < 0.04  # Table 3; we assume a 37000-token vocabulary
 

@@ -1,12 +1,18 @@
 import pandas as pd
 import pytest
 
-from harness.errors import HarnessError, UnknownNameError
+from harness.api import (
+    MODELS,
+    TASKS,
+    HarnessError,
+    RunContext,
+    UnknownNameError,
+    load_plugins,
+    load_weights,
+    make_config,
+)
 from harness.models.charlm import AUTOGRAD_MODELS
-from harness.registry import MODELS, TASKS, load_plugins
-from harness.weights import load_weights
 from tasks.autograd_fit import AutogradFit
-from tasks.base import RunContext, make_config
 
 load_plugins()
 NAMES = [name for name, *_ in AUTOGRAD_MODELS]

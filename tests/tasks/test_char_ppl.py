@@ -4,11 +4,7 @@ import pandas as pd
 import pytest
 import torch
 
-from harness.errors import HarnessError
-from harness.models.charlm import torch_threads
-from harness.registry import MODELS, TASKS, load_plugins
-from harness.weights import load_weights
-from tasks.base import RunContext, make_config
+from harness.api import MODELS, TASKS, HarnessError, RunContext, load_plugins, load_weights, make_config, torch_threads
 from tasks.char_ppl import CharPerplexity, CharPplConfig, eval_windows, load_char_data
 
 load_plugins()

@@ -10,12 +10,9 @@ import pandas as pd
 import pytest
 import torch
 
-from harness.errors import HarnessError, UnknownNameError
-from harness.registry import TASKS, load_plugins
-from harness.results import load_results
+from harness.api import TASKS, HarnessError, UnknownNameError, load_plugins, load_results, make_config
 from harness.runner import RunPlan, run
 from tasks import glue
-from tasks.base import make_config
 from tasks.glue import (
     Glue,
     GlueConfig,

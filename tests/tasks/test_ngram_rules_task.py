@@ -3,13 +3,22 @@ import math
 import pytest
 import torch
 
-from harness.errors import HarnessError, UnknownNameError
-from harness.models.charlm import RUNGS, LadderModel, Recipe, torch_threads
-from harness.registry import MODELS, TASKS, load_plugins
-from harness.results import load_results
+from harness.api import (
+    MODELS,
+    TASKS,
+    HarnessError,
+    Recipe,
+    RunContext,
+    UnknownNameError,
+    load_plugins,
+    load_results,
+    load_weights,
+    make_config,
+    parse_overrides,
+    torch_threads,
+)
+from harness.models.charlm import RUNGS, LadderModel
 from harness.runner import RunPlan, run
-from harness.weights import load_weights
-from tasks.base import RunContext, make_config, parse_overrides
 from tasks.ngram_rules import NGramRules, NGramRulesConfig, derive_seed, pca2
 from tasks.ngram_rules_lang import RuleLanguage, RuleSpec
 

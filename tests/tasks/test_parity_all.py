@@ -16,10 +16,8 @@ import importlib
 import pytest
 import torch
 
-from harness.adapter import Capability
-from harness.registry import MODELS, load_plugins
+from harness.api import MODELS, Capability, RunContext, load_plugins
 from harness.runner import ModelPool, RunPlan
-from tasks.base import RunContext
 from tasks.parity import Parity, ParityConfig
 
 ATOL = 1e-5

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from harness.api.data import detokenize, load_wikitext_documents
 from harness.runner import RunPlan, run
-from tasks.ppl import detokenize, load_wikitext_documents, rolling_windows
+from tasks.ppl import rolling_windows
 
 
 def test_wikitext_test_splits_into_62_articles():
@@ -117,8 +118,8 @@ def test_agrees_with_lm_eval_itself(tmp_path):
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
+    from harness.api import load_weights
     from harness.models.gpt2 import ARCH
-    from harness.weights import load_weights
 
     ours = _ppl_rows(tmp_path / "ours", limit=2)
     docs = load_wikitext_documents("test")[:2]

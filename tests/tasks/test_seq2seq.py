@@ -9,12 +9,10 @@ import pytest
 import torch
 import transformers
 
-from harness.errors import HarnessError, UnknownNameError
-from harness.models.seq2seq import ARCH, BOS, EOS, PAD, UNK, scratch_config, task_tokenizer
-from harness.registry import MODELS, load_plugins
+from harness.api import MODELS, HarnessError, RunContext, UnknownNameError, Weights, load_plugins, load_weights
+from harness.models.seq2seq import ARCH, BOS, EOS, PAD, UNK, task_tokenizer
 from harness.runner import ModelPool, RunPlan, run
-from harness.weights import load_weights
-from tasks.base import RunContext
+from reproductions.transformer import TransformerConfig
 from tasks.seq2seq import (
     SUBTASKS,
     Seq2Seq,
@@ -59,13 +57,16 @@ def test_default_weights_are_tiny_marian_with_the_task_vocabulary():
     assert weights.identity == "random:tiny"
     assert (cfg.d_model, cfg.encoder_layers, cfg.vocab_size) == (32, 2, 82)
     assert (cfg.decoder_start_token_id, cfg.eos_token_id, cfg.pad_token_id) == (BOS, EOS, PAD)
-    assert scratch_config(cfg).d_ff == 64
+    assert TransformerConfig.from_hf(cfg).d_ff == 64
 
 
 def test_scratch_refuses_a_marian_config_it_does_not_compute():
     cfg = transformers.MarianConfig(activation_function="swish")
-    with pytest.raises(HarnessError, match="activation_function != relu"):
-        scratch_config(cfg)
+    weights = Weights("swish-marian", "0" * 64, cfg, {}, task_tokenizer())
+    load_plugins()
+    with pytest.raises(HarnessError, match="transformer-scratch cannot load weights 'swish-marian': .*"
+                       "activation_function != relu"):
+        MODELS.get("transformer-scratch").build(weights, "cpu")
 
 
 def test_reference_layout_names_every_marian_parameter(pool):

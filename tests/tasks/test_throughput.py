@@ -8,20 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.errors import HarnessError
-from harness.registry import TASKS
-from harness.results import load_results
+from harness.api import TASKS, HarnessError, load_results, make_config
 from harness.runner import RunPlan, run
 from reproductions.gpt2 import GPT2, GPT2Config
-from tasks.base import make_config
-from tasks.throughput import (
-    PeakMemory,
-    ThroughputConfig,
-    forward_flops_per_token,
-    matmul_params,
-    summary,
-    throughput_section,
-)
+from tasks.throughput.config import ThroughputConfig
+from tasks.throughput.flops import forward_flops_per_token, matmul_params
+from tasks.throughput.report import throughput_section
+from tasks.throughput.timing import PeakMemory, summary
 
 TINY_GRID = {"batch_sizes": "1,2", "seq_lens": "8,16,4096", "decode_batch_sizes": "1,2", "prompt_len": "4",
              "new_tokens": "4", "train_batch_size": "2", "train_seq_len": "16", "repeats": "2",

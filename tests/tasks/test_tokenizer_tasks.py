@@ -5,11 +5,10 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from harness.errors import HarnessError, UnknownNameError
+from harness.api import HarnessError, UnknownNameError, load_weights
 from harness.models import tokenizers_pair
 from harness.models.tokenizers_pair import ARCH, LibraryBPE, ScratchBPE
 from harness.runner import RunPlan, run
-from harness.weights import load_weights
 from reproductions.bpe import ByteBPE
 from tasks.tokenizer_tasks import BpeParity, BpeParityConfig, summary_table
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from harness.errors import HarnessError
+from harness.api.errors import HarnessError
 
 GPT2_EOT = "<|endoftext|>"
 

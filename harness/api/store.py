@@ -8,106 +8,17 @@ so a crash or a kill loses none of the rows already written. Rows also carry
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import math
 import os
-import platform
-import subprocess
-import uuid
-from dataclasses import asdict, dataclass, field
-from functools import lru_cache
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from harness.errors import HarnessError
-
-SCHEMA_VERSION = 1
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-@dataclass
-class Metric:
-    """What a task yields: one number with its meaning. The runner adds provenance."""
-
-    metric: str
-    value: float
-    higher_is_better: bool | None
-    subtask: str = ""
-    n: int | None = None
-    stderr: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)  # e.g. CI bounds, per-step index, units
-
-
-@dataclass
-class ResultRow:
-    model: str
-    weights: str
-    weights_sha256: str
-    task: str
-    task_version: str
-    subtask: str
-    metric: str
-    value: float
-    n: int | None
-    stderr: float | None
-    higher_is_better: bool | None
-    config: dict[str, Any]
-    seed: int
-    run_id: str
-    created_at: str
-    git_sha: str
-    git_dirty: bool
-    harness_version: str
-    torch_version: str
-    transformers_version: str
-    device: str
-    wall_seconds: float
-    extra: dict[str, Any] = field(default_factory=dict)
-    schema_version: int = SCHEMA_VERSION
-
-
-def new_run_id() -> str:
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    return f"{stamp}-{uuid.uuid4().hex[:6]}"
-
-
-def now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-@lru_cache(maxsize=1)
-def provenance() -> dict[str, Any]:
-    """Versions and git state, computed once per process."""
-    import torch
-    import transformers
-
-    from harness import __version__
-
-    sha, dirty = _git_state()
-    return {
-        "git_sha": sha,
-        "git_dirty": dirty,
-        "harness_version": __version__,
-        "torch_version": torch.__version__,
-        "transformers_version": transformers.__version__,
-        "python_version": platform.python_version(),
-    }
-
-
-def _git_state() -> tuple[str, bool]:
-    def git(*args: str) -> str:
-        out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() if out.returncode == 0 else ""
-
-    try:
-        sha = git("rev-parse", "HEAD") or "unknown"
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-    except (OSError, subprocess.SubprocessError):
-        return "unknown", False
-    return sha, dirty
+from harness.api.errors import HarnessError
+from harness.api.rows import SCHEMA_VERSION, ResultRow, new_run_id
 
 
 class ResultStore:

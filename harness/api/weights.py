@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from harness.errors import HarnessError, UnknownNameError
-from harness.tokenizer import TextTokenizer, tokenizer_from_dir
+from harness.api.errors import HarnessError, UnknownNameError
+from harness.api.tokenizer import TextTokenizer, tokenizer_from_dir
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,142 @@
+"""One generic registry, instantiated once for models, once for tasks and once for report sections.
+
+    @TASKS.register("ppl", "WikiText-2 perplexity")
+    class Perplexity(Task): ...
+
+    MODELS.add("gpt2-scratch", "GPT-2 from scratch", ModelSpec(...))
+
+Entries are typed (`Registry[ModelSpec]`, `Registry[type[Task]]`) and loaded lazily: the first
+lookup imports the plugin modules (the harness's own `harness.models` and `tasks.catalog`, and
+every module an installed package declares under the entry-point groups `lm_repro_harness.models`
+and `lm_repro_harness.tasks`, and the modules named in `HARNESS_PLUGINS`, comma-separated, e.g.
+`HARNESS_PLUGINS=examples/plugin_task.py harness run ...`). Nothing in the harness core imports a
+task or a concrete adapter by name. Unknown names raise `UnknownNameError` listing every valid
+name; registering a name twice is a programming error.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Generic, TypeVar
+
+from harness.api.errors import HarnessError, UnknownNameError
+
+T = TypeVar("T")
+
+# The harness's own plugins, as module names: importing one registers what it defines.
+BUILTIN_PLUGINS = ("harness.models", "tasks.catalog", "harness.train.report")
+ENTRY_POINT_GROUPS = ("lm_repro_harness.models", "lm_repro_harness.tasks")
+
+
+@dataclass(frozen=True)
+class Entry(Generic[T]):
+    name: str
+    description: str
+    obj: T
+
+
+class Registry(Generic[T]):
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, Entry[T]] = {}
+
+    def register(self, name: str, description: str) -> Callable[[T], T]:
+        def decorator(obj: T) -> T:
+            self.add(name, description, obj)
+            return obj
+
+        return decorator
+
+    def add(self, name: str, description: str, obj: T) -> None:
+        if name in self._entries:
+            raise ValueError(f"{self.kind} '{name}' is registered twice")
+        self._entries[name] = Entry(name, description, obj)
+
+    def get(self, name: str) -> T:
+        return self.entry(name).obj
+
+    def entry(self, name: str) -> Entry[T]:
+        load_plugins()
+        if name not in self._entries:
+            raise UnknownNameError(f"unknown {self.kind} '{name}'; known {self.kind}s: {', '.join(self.names())}")
+        return self._entries[name]
+
+    def names(self) -> list[str]:
+        load_plugins()
+        return sorted(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        load_plugins()
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[Entry[T]]:
+        return iter(self._entries[n] for n in self.names())
+
+
+MODELS: Registry = Registry("model")  # name -> harness.api.adapter.ModelSpec
+TASKS: Registry = Registry("task")  # name -> a harness.api.task.Task subclass
+# Rows written by a command rather than by a task (e.g. `harness train`) get their report section here:
+# name -> (history DataFrame, figure dir, report dir) -> markdown.
+REPORT_SECTIONS: Registry = Registry("report section")
+
+_loaded = False
+_loading = False
+
+
+def load_plugins() -> None:
+    """Import every plugin module once (idempotent; the registries call it on first use)."""
+    global _loaded, _loading
+    if _loaded or _loading:
+        return
+    _loading = True
+    try:
+        for module in BUILTIN_PLUGINS:
+            importlib.import_module(module)
+        for group in ENTRY_POINT_GROUPS:
+            for ep in metadata.entry_points(group=group):
+                _load_entry_point(ep)
+        for module in filter(None, (m.strip() for m in os.environ.get("HARNESS_PLUGINS", "").split(","))):
+            _import_plugin(module)
+        _loaded = True
+    finally:
+        _loading = False
+
+
+def _import_plugin(module: str) -> None:
+    """A module name (`my_pkg.tasks`) or a Python file (`examples/plugin_task.py`)."""
+    try:
+        if module.endswith(".py"):
+            _import_file(Path(module))
+        else:
+            importlib.import_module(module)
+    except (ImportError, OSError) as e:
+        raise HarnessError(f"HARNESS_PLUGINS: cannot import '{module}' ({e}); give module names or .py files, "
+                           "comma-separated, e.g. HARNESS_PLUGINS=examples/plugin_task.py") from e
+
+
+def _import_file(path: Path) -> None:
+    name = f"harness_plugin_{path.stem}"
+    if name in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None or not path.is_file():
+        raise ImportError(f"no such file: {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+
+
+def _load_entry_point(ep: metadata.EntryPoint) -> None:
+    if ep.value.split(":")[0] in BUILTIN_PLUGINS:
+        return
+    try:
+        ep.load()
+    except Exception as e:  # a broken third-party plugin must not take the harness down with a traceback
+        raise HarnessError(f"plugin '{ep.name}' ({ep.value}, group {ep.group}) failed to load: {e}") from e

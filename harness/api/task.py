@@ -1,0 +1,96 @@
+"""What a task is: a typed config, a version, the capabilities it needs, and the code that scores.
+
+A task yields `Metric`s for one model; the runner turns them into result rows.
+Pairwise tasks (e.g. `parity`) also get the model's reference through the
+run context. Bump `version` whenever the scoring changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from harness.api.adapter import ModelAdapter
+from harness.api.capabilities import Capability
+from harness.api.config import coerce_config
+from harness.api.errors import HarnessError
+from harness.api.registry import TASKS
+from harness.api.rows import Metric
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """How to read a metric: direction, and how close a scratch model must be to its reference."""
+
+    higher_is_better: bool | None
+    pair_atol: float = 0.0  # |scratch - reference| allowed when comparing a pair on identical weights
+    pair_rtol: float = 0.0
+    gate_atol: float = 0.0  # regression allowed against the baseline before the gate fails
+    gate_rtol: float = 0.0
+    threshold: float | None = None  # for diff-like metrics (parity): value must be <= threshold
+
+
+@dataclass
+class RunContext:
+    """What the runner lends a task: seed, limit, the reference model, progress tracking."""
+
+    seed: int
+    limit: int | None
+    device: str
+    reference: Callable[[ModelAdapter], ModelAdapter | None]  # the same-weights reference, or None
+    track: Callable[..., Iterable]  # track(iterable, total=..., description=...) -> iterable
+    results_dir: str = "results"
+
+
+class Task:
+    name: ClassVar[str]
+    version: ClassVar[str]
+    description: ClassVar[str]
+    config_class: ClassVar[type]
+    needs: ClassVar[frozenset[Capability]] = frozenset()  # checked by `check`, before any work
+    metrics: ClassVar[dict[str, MetricSpec]] = {}
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+    def run(self, model: ModelAdapter, ctx: RunContext) -> Iterator[Metric]:
+        raise NotImplementedError  # every registered task overrides this
+
+    def check(self, model: ModelAdapter) -> None:
+        """Refuse, in one line and before any work, a model this task cannot score."""
+        for capability in sorted(self.needs, key=lambda c: c.value):
+            if not model.can(capability):
+                raise HarnessError(self.refusal(model, capability))
+
+    def refusal(self, model: ModelAdapter, capability: Capability) -> str:
+        """The one-line error for a model that lacks `capability`; tasks may say more (which models can)."""
+        have = ", ".join(sorted(c.value for c in model.capabilities)) or "nothing"
+        return f"model '{model.name}' cannot '{capability.value}', which task '{self.name}' needs (it can: {have})"
+
+    def metric(self, name: str, value: float, **kwargs: Any) -> Metric:
+        return Metric(metric=name, value=float(value), higher_is_better=self.metrics[name].higher_is_better, **kwargs)
+
+    @staticmethod
+    def variant(config: dict) -> str:
+        """A label for runs whose configs are different experiments, so the report keeps them apart
+        (e.g. GLUE on a 3,000-example budget vs on the full training sets); "" for one kind of run."""
+        return ""
+
+    # A task with its own story to tell in the report (curves, recipe tables) defines
+    #     @staticmethod
+    #     def report_section(history: pd.DataFrame, fig_dir: Path, report_dir: Path) -> str
+
+
+def make_config(task: type[Task], overrides: dict[str, str]) -> Any:
+    """The task's frozen config with `--set task.KEY=VALUE` overrides coerced to their declared types."""
+    return coerce_config(task.config_class, overrides, task.name)
+
+
+def metric_spec(task: str, metric: str, higher_is_better: bool | None) -> MetricSpec:
+    """The registered task's spec for `metric`, or a plain one (direction only) for rows of unknown
+    tasks or metrics, e.g. `harness train`'s."""
+
+    if task in TASKS and metric in TASKS.get(task).metrics:
+        return TASKS.get(task).metrics[metric]
+    return MetricSpec(higher_is_better=higher_is_better)

@@ -1,0 +1,23 @@
+"""Helpers several tasks share (report cells); the harness API is in `harness.api`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+# The character-level ladder (harness/models/charlm.py) in the order the report reads it: one idea at a time.
+LADDER_ORDER = ("bigram", "trigram", "mlp-ngram", "rnn", "lstm", "gru", "char-gpt-scratch", "char-gpt-hf")
+# The autograd-fit contestants (harness/models/charlm.py): our scalar engine and two torch references.
+FITTERS = ("autograd-scratch", "autograd-torch", "autograd-torch-nn")
+
+def ci_cell(block: pd.DataFrame) -> str:
+    """The newest row of `block` as a percentage with its 95% interval, "81.2 [77.8, 84.8]" ("-": no row)."""
+    if block.empty:
+        return "-"
+    row = block.iloc[-1]
+    extra = row["extra"] if isinstance(row["extra"], dict) else {}
+    if extra.get("ci_low") is not None:
+        return f"{100 * row['value']:.1f} [{100 * extra['ci_low']:.1f}, {100 * extra['ci_high']:.1f}]"
+    return f"{100 * row['value']:.1f}"

@@ -1,0 +1,104 @@
+"""What is timed: the prefill, decode and training calls of a `CausalLM`, and the grid of them a run measures.
+
+- prefill: a no-grad forward pass that produces logits for every position (`CausalLM.forward`: no
+  KV cache kept on either side), over `batch_sizes` x `seq_lens` (lengths above the maximum skipped);
+- decode: greedy generation with the KV cache (`CausalLM.generate_batch`), `new_tokens` tokens
+  after a fixed `prompt_len`-token prompt, at each of `decode_batch_sizes`; the whole call is timed,
+  the prefill of the short prompt included;
+- train: forward + backward + AdamW step on a copy of the module (the loaded weights never change).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from harness.api import Capability
+from tasks.throughput.config import ThroughputConfig
+from tasks.throughput.flops import model_flops_per_token
+
+if TYPE_CHECKING:
+    from harness.api import CausalLM, ModelAdapter
+
+
+def random_tokens(model: CausalLM, batch: int, length: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.tokenizer.vocab_size, (batch, length), generator=g).to(model.device)
+
+
+def prefill_call(model: CausalLM, batch: int, length: int, seed: int) -> Callable[[], torch.Tensor]:
+    x = random_tokens(model, batch, length, seed)
+    return torch.no_grad()(lambda: model.forward(model.module, x))
+
+
+def decode_call(model: CausalLM, batch: int, prompt_len: int, new_tokens: int, seed: int):
+    x = random_tokens(model, batch, prompt_len, seed)
+    return torch.no_grad()(lambda: model.generate_batch(x, new_tokens))
+
+
+def train_call(model: CausalLM, batch: int, length: int, seed: int) -> Callable[[], None]:
+    """One AdamW training step per call, on a private copy of the module."""
+    module = copy.deepcopy(model.module).train()
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
+    x = random_tokens(model, batch, length, seed)
+
+    def step() -> None:
+        with torch.enable_grad():
+            logits = model.forward(module, x)
+            F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+@dataclass(frozen=True)
+class Measurement:
+    kind: str  # "prefill", "decode" or "train": the metric is `<kind>_tokens_per_s`
+    subtask: str  # the grid point, e.g. "prefill b=1 t=128"
+    tokens: int  # tokens processed per call
+    context: int  # sequence length, for the attention term of the FLOP count
+    flop_factor: float | None  # x forward FLOPs per token: 1 (prefill), 3 (train); None: no mfu (decode)
+    build: Callable[[CausalLM], Callable[[], object]]  # model -> the call to time
+    extra: dict
+
+    def flops_per_token(self, model: CausalLM) -> float | None:
+        return None if self.flop_factor is None else self.flop_factor * model_flops_per_token(model, self.context)
+
+
+def plan(cfg: ThroughputConfig, models: list[ModelAdapter], seed: int) -> list[Measurement]:
+    """Every grid point that all the models can run."""
+    max_len = min(m.max_length for m in models)
+    out = prefill_plan(cfg, max_len, seed)
+    if all(m.can(Capability.GENERATE) for m in models):
+        out += decode_plan(cfg, max_len, seed)
+    if all(m.can(Capability.TRAIN) for m in models):
+        out += train_plan(cfg, max_len, seed)
+    return out
+
+
+def prefill_plan(cfg: ThroughputConfig, max_len: int, seed: int) -> list[Measurement]:
+    return [Measurement("prefill", f"prefill b={b} t={t}", b * t, t, 1.0,
+                        partial(prefill_call, batch=b, length=t, seed=seed), {"batch_size": b, "seq_len": t})
+            for b in cfg.batch_sizes for t in cfg.seq_lens if t <= max_len]
+
+
+def decode_plan(cfg: ThroughputConfig, max_len: int, seed: int) -> list[Measurement]:
+    prompt = min(cfg.prompt_len, max_len - 1)
+    new = min(cfg.new_tokens, max_len - prompt)
+    return [Measurement("decode", f"decode b={b} prompt={prompt} new={new}", b * new, prompt + new, None,
+                        partial(decode_call, batch=b, prompt_len=prompt, new_tokens=new, seed=seed),
+                        {"batch_size": b, "prompt_len": prompt, "new_tokens": new})
+            for b in cfg.decode_batch_sizes]
+
+
+def train_plan(cfg: ThroughputConfig, max_len: int, seed: int) -> list[Measurement]:
+    b, t = cfg.train_batch_size, min(cfg.train_seq_len, max_len)
+    return [Measurement("train", f"train b={b} t={t}", b * t, t, 3.0,
+                        partial(train_call, batch=b, length=t, seed=seed), {"batch_size": b, "seq_len": t})]
