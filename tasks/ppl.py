@@ -4,8 +4,10 @@ Definition (lm-evaluation-harness, task `wikitext` v2.0):
 - documents are the 62 articles of the raw test file, split at top-level headings (` = Title = `);
 - the target text is the document after wikitext detokenization (`harness.api.data.detokenize`);
 - rolling log-likelihood over windows of the model's maximum length; the first token is conditioned
-  on the end-of-text token; later windows are disjoint in what they score but always see a full
-  window of context (so the last window overlaps);
+  on lm-eval's prefix token (`HFLM.prefix_token_id`): `ppl.prefix_token_id` if given, else the
+  tokenizer's BOS token, else its end-of-text token (GPT-2: <|endoftext|> either way); later
+  windows are disjoint in what they score but always see a full window of context (so the last
+  window overlaps);
 - word count `len(re.split(r"\\s+", original_doc))` and byte count `len(original_doc.encode())` use
   the document before detokenization.
 Aggregates are weighted by counts over all documents:
@@ -38,6 +40,7 @@ class PplConfig:
     stride: int | None = None  # tokens scored per window after the first; default: max_length (disjoint)
     file: str | None = None  # score this UTF-8 text file as one document (no detokenization)
     batch_size: int = 4  # windows per forward pass
+    prefix_token_id: int | None = None  # condition the first token on this id (lm-eval's custom_prefix_token_id)
 
 
 @dataclass(frozen=True)
@@ -46,11 +49,11 @@ class Document:
     target: str  # what the model scores
 
 
-def rolling_windows(tokens: list[int], eot_id: int, max_length: int, stride: int) -> list[tuple[list[int], int]]:
+def rolling_windows(tokens: list[int], prefix_id: int, max_length: int, stride: int) -> list[tuple[list[int], int]]:
     """Windows (ids, n_scored): ids[:-1] is the model input and ids[1:] its next-token targets, at
     most max_length of each; only the last n_scored targets are counted. Every token of `tokens`
     is counted exactly once."""
-    seq = [eot_id, *tokens]  # seq[i] predicts seq[i + 1] = tokens[i]
+    seq = [prefix_id, *tokens]  # seq[i] predicts seq[i + 1] = tokens[i]
     windows, start = [], 0
     end = min(len(tokens), max_length)
     while start < len(tokens):
@@ -62,7 +65,7 @@ def rolling_windows(tokens: list[int], eot_id: int, max_length: int, stride: int
 
 class Perplexity(Task):
     name = "ppl"
-    version = "1.0"
+    version = "1.1"  # 1.1: the first token is conditioned on lm-eval's prefix token (BOS), not always end-of-text
     description = "WikiText-2 raw test perplexity (word/byte/token, bits per byte), defined as lm-eval's wikitext"
     config_class = PplConfig
     needs = frozenset({Capability.SCORE})
@@ -92,7 +95,11 @@ class Perplexity(Task):
         if not 0 < stride <= max_length:
             raise HarnessError(f"ppl.stride={stride} must be between 1 and ppl.max_length={max_length}")
         token_lists = model.tokenizer.encode_batch([d.target for d in docs])
-        loglik = score_documents(model, token_lists, max_length, stride, self.config.batch_size, ctx)
+        prefix = model.tokenizer.prefix_token_id if self.config.prefix_token_id is None else self.config.prefix_token_id
+        if not 0 <= prefix < model.tokenizer.vocab_size:
+            raise HarnessError(f"ppl.prefix_token_id={prefix} is outside {model.name}'s vocabulary "
+                               f"(0..{model.tokenizer.vocab_size - 1})")
+        loglik = score_documents(model, token_lists, prefix, max_length, stride, self.config.batch_size, ctx)
         yield from self.aggregate(docs, token_lists, loglik)
 
     def aggregate(self, docs: list[Document], token_lists: list[list[int]], loglik: list[float]) -> Iterator[Metric]:
@@ -108,13 +115,15 @@ class Perplexity(Task):
 
 
 def score_documents(
-    model: ModelAdapter, token_lists: list[list[int]], max_length: int, stride: int, batch_size: int, ctx: RunContext
+    model: ModelAdapter, token_lists: list[list[int]], prefix: int, max_length: int, stride: int, batch_size: int,
+    ctx: RunContext,
 ) -> list[float]:
-    """Sum of log-likelihoods per document; windows of all documents are batched together."""
+    """Sum of log-likelihoods per document, each conditioned on `prefix` first; windows of all documents
+    are batched together."""
     work = [
         (doc, ids, n)
         for doc, tokens in enumerate(token_lists)
-        for ids, n in rolling_windows(tokens, model.tokenizer.eot_id, max_length, stride)
+        for ids, n in rolling_windows(tokens, prefix, max_length, stride)
     ]
     work.sort(key=lambda w: -len(w[1]))  # similar lengths together: little padding
     totals = [0.0] * len(token_lists)

