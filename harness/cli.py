@@ -21,7 +21,8 @@ EPILOG = """examples:
   harness run --model gpt2-scratch,gpt2-hf --tasks ppl,parity
   harness run --model gpt2-scratch --tasks ppl --set ppl.stride=512 --limit 5
   harness report --out reports/report.md
-  harness gate --baseline results/baseline
+  harness run --model gpt2-scratch,gpt2-hf --tasks ppl,parity --limit 4 --results-dir smoke
+  harness gate --baseline results/baseline --results-dir smoke   # the CI smoke above vs the baseline: exit 0
 """
 
 
@@ -76,16 +77,38 @@ def _add_report(sub) -> None:
     p.set_defaults(func=cmd_report)
 
 
+GATE_EPILOG = """exit codes: 0 passed; 1 a regression (REGRESSED / OVER THRESHOLD); 2 usage error;
+  3 nothing compared, or with --require-all a baseline metric MISSING or with a config that differs.
+  Rows are compared only when their plan matches (task version, task config incl. limit, seed, weights
+  hash); a row of another plan is listed as `config differs`, never as a pass or a regression.
+
+example (a fresh checkout: CI's GPT-2 smoke run of .ci/run, then the gate; exit 0, GLUE rows MISSING):
+  harness run --model gpt2-scratch,gpt2-hf --tasks ppl,parity --limit 4 --results-dir smoke
+  harness gate --baseline results/baseline --results-dir smoke --junit gate.xml --json gate.json
+
+The default --results-dir (results/) holds full runs, not the --limit 4 plan of results/baseline: gating it
+lists them as `config differs` and exits 3. CI (docs/ci.md) runs both smoke commands and adds
+--require-all --skip train_seconds.
+"""
+
+
 def _add_gate(sub) -> None:
-    p = sub.add_parser("gate", help="fail (exit 1) when a metric regressed against a committed baseline")
+    p = sub.add_parser("gate", help="fail (exit 1) when a metric regressed against a committed baseline",
+                       description="Compare the newest plan-matching result rows with a committed baseline.",
+                       epilog=GATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--baseline", required=True, help="baseline results dir or .jsonl file")
-    p.add_argument("--results-dir", default="results", help="results to check (newest row per key)")
+    p.add_argument("--results-dir", default="results", help="results to check (default results/)")
     p.add_argument("--tol", action="append", default=[], metavar="METRIC=abs:X|rel:Y",
                    help="override a metric's tolerance, repeatable (e.g. --tol word_perplexity=rel:0.01)")
-    p.add_argument("--require-all", action="store_true", help="also fail when a baseline metric is missing")
+    p.add_argument("--require-all", action="store_true",
+                   help="also fail (exit 3) when a baseline metric is missing or its config differs")
     p.add_argument("--skip", action="append", default=[], metavar="METRIC",
                    help="list but do not gate this metric, repeatable (e.g. --skip train_seconds: wall-clock "
                         "time on a shared CI machine is noise, not a regression)")
+    p.add_argument("--junit", default=None, metavar="PATH",
+                   help="also write the verdicts as JUnit XML (one testcase per metric)")
+    p.add_argument("--json", dest="json_path", default=None, metavar="PATH",
+                   help="also write the verdicts and a summary as JSON")
     p.set_defaults(func=cmd_gate)
 
 
@@ -104,8 +127,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     for name in plan.tasks:
         TASKS.entry(name)
     store, failures = run(plan, err_console)
-    console.print(results_table(store.rows))
-    console.print(f"{len(store.rows)} rows -> {store.path}")
+    if store.rows:
+        console.print(results_table(store.rows))
+        console.print(f"{len(store.rows)} rows -> {store.path}")
+    else:  # every (model, task) failed: no table of nothing, and no path of a file never written
+        err_console.print("no rows written: every model/task above failed", highlight=False)
     return 1 if failures else 0
 
 
@@ -147,13 +173,18 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_gate(args: argparse.Namespace) -> int:
-    from harness.gate import gate, parse_tolerances
+    from harness.gate import check_output_path, gate, parse_tolerances, step_summary_path, summary_line, write_outputs
 
-    regressions, table = gate(args.baseline, args.results_dir, parse_tolerances(args.tol), args.require_all,
-                              skip=set(args.skip))
-    console.print(table)
-    console.print("[red]gate: FAILED[/red]" if regressions else "[green]gate: passed[/green]")
-    return 1 if regressions else 0
+    check_output_path(args.junit, "--junit")
+    check_output_path(args.json_path, "--json")
+    verdict = gate(args.baseline, args.results_dir, parse_tolerances(args.tol), args.require_all,
+                   skip=set(args.skip))
+    console.print(verdict.table)
+    for path in write_outputs(verdict, args.junit, args.json_path, step_summary_path()):
+        console.print(f"gate report -> {path}")
+    colour = "green" if verdict.exit_code == 0 else "red"
+    console.print(f"[{colour}]{summary_line(verdict)}[/{colour}]", highlight=False)
+    return verdict.exit_code
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,6 +35,8 @@ class GenerateConfig:
             raise HarnessError(f"--top-p {self.top_p}: must be in (0, 1]")
         if self.top_k is not None and self.top_k < 1:
             raise HarnessError(f"--top-k {self.top_k}: must be at least 1")
+        if self.seed < 0:
+            raise HarnessError(f"--seed {self.seed}: must be >= 0")
 
 
 def load_model(name: str, weights: str | None, seed: int = 0, device: str = "cpu") -> ModelAdapter:
@@ -88,6 +90,7 @@ def add_parser(sub) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     cfg = GenerateConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
     model = load_model(args.model, args.weights, args.seed, args.device)
+    model.require(Generator, task="generate")  # refused before anything is printed
     Console(stderr=True).print(
         f"{model.name} on weights {model.weights.identity} "
         f"({'greedy' if cfg.temperature == 0 else f'sampling, seed {cfg.seed}'})",

@@ -92,14 +92,28 @@ class ModelPool:
 
 def validate(plan: RunPlan) -> dict[str, Task]:
     """Check every name before any work starts; return the configured tasks."""
-    if not plan.models or not plan.tasks:
-        raise HarnessError("give at least one model (--model) and one task (--tasks)")
+    if not plan.models:
+        raise HarnessError("--model: give at least one model name (see `harness list models`)")
+    if not plan.tasks:
+        raise HarnessError("--tasks: give at least one task name (see `harness list tasks`)")
     for name in plan.models:
         MODELS.entry(name)
-    for name in plan.overrides:
+    for name in plan.tasks:
         TASKS.entry(name)
+    for name, keys in plan.overrides.items():
+        TASKS.entry(name)
+        if name not in plan.tasks:
+            raise HarnessError(f"--set {name}.{next(iter(keys), 'KEY')}: task '{name}' is not in --tasks "
+                               f"{','.join(plan.tasks)}; add it there or drop the override")
+    if plan.limit is not None and plan.limit < 1:
+        raise HarnessError(f"--limit {plan.limit}: must be at least 1 (leave it out to use every document)")
+    if plan.seed < 0:
+        raise HarnessError(f"--seed {plan.seed}: must be >= 0")
     check_device(plan.device)
-    return {name: TASKS.get(name)(make_config(TASKS.get(name), plan.overrides.get(name, {}))) for name in plan.tasks}
+    tasks = {name: TASKS.get(name)(make_config(TASKS.get(name), plan.overrides.get(name, {}))) for name in plan.tasks}
+    for task in tasks.values():
+        task.validate()  # config checks that need no model (files, ranges), before any weights load
+    return tasks
 
 
 def run(plan: RunPlan, console: Console | None = None) -> tuple[ResultStore, list[Failure]]:

@@ -74,6 +74,29 @@ class Perplexity(Task):
         for m in ("word_perplexity", "byte_perplexity", "bits_per_byte", "token_perplexity")
     }
 
+    def validate(self) -> None:
+        """Ranges and the text file, before any weights load; max_length against the model's maximum
+        and prefix_token_id against its vocabulary are checked in `run`."""
+        cfg = self.config
+        if cfg.max_length is not None and cfg.max_length < 1:
+            raise HarnessError(f"ppl.max_length={cfg.max_length} must be positive (omit it: the model's maximum)")
+        if cfg.stride is not None and not 0 < cfg.stride <= (cfg.max_length or cfg.stride):
+            raise HarnessError(f"ppl.stride={cfg.stride} must be between 1 and ppl.max_length"
+                               f"{'' if cfg.max_length is None else f'={cfg.max_length}'}")
+        if cfg.batch_size < 1:
+            raise HarnessError(f"ppl.batch_size={cfg.batch_size} must be at least 1")
+        if cfg.prefix_token_id is not None and cfg.prefix_token_id < 0:
+            raise HarnessError(f"ppl.prefix_token_id={cfg.prefix_token_id} must be a token id (>= 0)")
+        if cfg.file is not None:
+            if Path(cfg.file).is_dir():
+                raise HarnessError(f"ppl.file '{cfg.file}' is a directory; give a UTF-8 text file")
+            try:
+                text = read_text(Path(cfg.file))
+            except HarnessError as e:
+                raise HarnessError(f"ppl.file: {e}") from e
+            if not text.strip():
+                raise HarnessError(f"ppl.file '{cfg.file}': the document set is empty (the file has no text)")
+
     def documents(self, limit: int | None) -> list[Document]:
         if self.config.file:
             text = read_text(Path(self.config.file))

@@ -63,9 +63,16 @@ class ModelSpec:
 
 
 def check_device(device: str) -> None:
-    """Refuse a device this machine does not have, in one line, before any weights load."""
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise HarnessError("--device cuda: no CUDA device is available here; use --device cpu")
+    """Refuse, in one line and before any weights load, a device that is not `cpu`, `cuda` or `cuda:N`,
+    or one this machine does not have."""
+    kind, colon, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or (colon and (kind == "cpu" or not index.isdigit())):
+        raise HarnessError(f"--device {device!r}: expected cpu, cuda or cuda:N (e.g. cuda:0)")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise HarnessError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    if kind == "cuda" and colon and int(index) >= torch.cuda.device_count():
+        raise HarnessError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                           f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
 
 
 def first_line(e: BaseException) -> str:

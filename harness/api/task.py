@@ -57,6 +57,11 @@ class Task:
     def run(self, model: ModelAdapter, ctx: RunContext) -> Iterator[Metric]:
         raise NotImplementedError  # every registered task overrides this
 
+    def validate(self) -> None:
+        """Refuse, in one line (a `HarnessError`), a config that cannot work whatever the model: a bad
+        range, a missing or unreadable file. Called by the runner for every task before any weights
+        load; checks that need the model (e.g. a length against its maximum) belong in `run`."""
+
     def check(self, model: ModelAdapter) -> None:
         """Refuse, in one line and before any work, a model this task cannot score."""
         for capability in sorted(self.needs, key=lambda c: c.value):

@@ -63,13 +63,30 @@ def load_weights(arch: ArchSpec, spec: str | None, seed: int) -> Weights:
         return _pretrained_weights(arch, str(arch.aliases[spec]()), identity=spec)
     if Path(spec).is_dir():
         return _pretrained_weights(arch, spec, identity=spec)
-    looks_like_path = spec.startswith(("/", ".", "~")) or Path(spec).exists()
-    if looks_like_path or spec.count("/") != 1:
-        known = ", ".join(["random[:SIZE]", *arch.aliases])
+    if Path(spec).expanduser().is_dir():  # `~/ckpt` quoted past the shell
+        return _pretrained_weights(arch, str(Path(spec).expanduser()), identity=spec)
+    known = ", ".join(["random[:SIZE]", *arch.aliases])
+    if _looks_like_path(spec):
+        what = "a file, not a checkpoint directory" if Path(spec).expanduser().exists() else "no such directory"
+        raise HarnessError(f"weights '{spec}' for {arch.name}: {what}; pass an HF-format checkpoint directory "
+                           f"(config.json + weights), a hub id (owner/name) or an alias ({known})")
+    if spec.count("/") != 1:
         raise HarnessError(
             f"weights '{spec}' for {arch.name}: not a checkpoint directory, hub id (owner/name) or alias ({known})"
         )
     return _pretrained_weights(arch, spec, identity=spec)
+
+
+def _looks_like_path(spec: str) -> bool:
+    """A spec that is not an existing directory, alias or random[:SIZE] is a hub id only in the form
+    `owner/name`; it is a (mistyped) local path when it starts with `/`, `.` or `~`, names something
+    that exists (a file), has more than one `/` or a backslash, or when its first component is a local
+    directory (`runs/shakespear` next to a `runs/` folder)."""
+    if spec.startswith(("/", ".", "~")) or "\\" in spec or os.sep in spec.replace("/", "", 1):
+        return True
+    if Path(spec).exists():
+        return True
+    return spec.count("/") == 1 and Path(spec.partition("/")[0]).is_dir()
 
 
 def _random_weights(arch: ArchSpec, size: str, seed: int) -> Weights:

@@ -113,9 +113,10 @@ def test_gate_fails_when_parity_breaks(tiny_run, tmp_path):
 
 
 def test_gate_require_all_fails_on_missing_metrics(tiny_run, tmp_path):
+    """Nothing compared is a failure (exit 3), with or without --require-all; it used to "pass" with 0."""
     baseline = tiny_run.path.parent.parent
     empty = tmp_path / "empty"
     (empty / "v1").mkdir(parents=True)
     (empty / "v1" / "x.jsonl").write_text("")
-    assert main(["gate", "--baseline", str(baseline), "--results-dir", str(empty)]) == 0
-    assert main(["gate", "--baseline", str(baseline), "--results-dir", str(empty), "--require-all"]) == 1
+    assert main(["gate", "--baseline", str(baseline), "--results-dir", str(empty)]) == 3
+    assert main(["gate", "--baseline", str(baseline), "--results-dir", str(empty), "--require-all"]) == 3

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.api import HarnessError
 from harness.api.data import detokenize, load_wikitext_documents
 from harness.runner import RunPlan, run
 from tasks.ppl import rolling_windows
@@ -74,41 +75,36 @@ def test_plain_text_file_is_one_document(tmp_path):
     assert extra["documents"] == 1 and extra["bytes"] == len(text.encode()) and extra["words"] == 19
 
 
+def _ppl_plan(tmp_path, overrides, limit=1) -> RunPlan:
+    return RunPlan(models=["gpt2-hf"], tasks=["ppl"], weights="random:tiny", limit=limit, results_dir=str(tmp_path),
+                   overrides={"ppl": overrides})
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
         ({"file": "/no/such/file.txt"}, "not found"),
         ({"stride": "0"}, "ppl.stride"),
-        ({"max_length": "100000"}, "exceeds"),
     ],
-    ids=["missing-file", "bad-stride", "too-long"],
+    ids=["missing-file", "bad-stride"],
 )
-def test_bad_ppl_options_fail_cleanly(tmp_path, overrides, message):
-    store, failures = run(
-        RunPlan(
-            models=["gpt2-hf"],
-            tasks=["ppl"],
-            weights="random:tiny",
-            limit=1,
-            results_dir=str(tmp_path),
-            overrides={"ppl": overrides},
-        )
-    )
-    assert store.rows == [] and len(failures) == 1 and message in failures[0].message
+def test_bad_ppl_options_fail_before_any_weights_load(tmp_path, overrides, message, monkeypatch):
+    """Config errors that need no model are refused up front (issue 14): one line, nothing written."""
+    monkeypatch.setattr("harness.runner.load_weights", lambda *a, **k: pytest.fail("weights loaded"))
+    with pytest.raises(HarnessError, match=message) as exc:
+        run(_ppl_plan(tmp_path, overrides))
+    assert "\n" not in str(exc.value) and list(tmp_path.rglob("*.jsonl")) == []
+
+
+def test_max_length_over_the_models_maximum_fails_cleanly(tmp_path):
+    store, failures = run(_ppl_plan(tmp_path, {"max_length": "100000"}))
+    assert store.rows == [] and len(failures) == 1 and "exceeds" in failures[0].message
 
 
 def test_empty_file_is_an_empty_document_set(tmp_path):
     (tmp_path / "empty.txt").write_text("  \n")
-    store, failures = run(
-        RunPlan(
-            models=["gpt2-hf"],
-            tasks=["ppl"],
-            weights="random:tiny",
-            results_dir=str(tmp_path),
-            overrides={"ppl": {"file": str(tmp_path / "empty.txt")}},
-        )
-    )
-    assert "empty" in failures[0].message
+    with pytest.raises(HarnessError, match="empty"):
+        run(_ppl_plan(tmp_path, {"file": str(tmp_path / "empty.txt")}, limit=None))
 
 
 def _lm_eval_wikitext(tmp_path, model, tokenizer, docs: list[str], **hflm) -> dict:
