@@ -124,9 +124,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         models=args.models, tasks=args.tasks, weights=args.weights, limit=args.limit, seed=args.seed,
         device=args.device, results_dir=args.results_dir, overrides=parse_overrides(args.overrides, TASKS.names()),
     )
-    for name in plan.tasks:
-        TASKS.entry(name)
-    store, failures = run(plan, err_console)
+    store, failures = run(plan, err_console)  # validates every name and option before any work
     if store.rows:
         console.print(results_table(store.rows))
         console.print(f"{len(store.rows)} rows -> {store.path}")
