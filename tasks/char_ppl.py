@@ -46,7 +46,7 @@ from harness.api import (
     torch_threads,
 )
 from reproductions import charlm
-from tasks.common import LADDER_ORDER
+from tasks.common import LADDER_ORDER, ladder_refusal
 from tasks.ngram_rules import derive_seed
 
 
@@ -117,7 +117,7 @@ class CharPerplexity(Task):
     }
 
     def refusal(self, model: ModelAdapter, capability: Capability) -> str:
-        return f"{self.name} trains its own models; '{model.name}' is not one of: {', '.join(LADDER_ORDER)}"
+        return ladder_refusal(self.name, model.name)
 
     def run(self, model: ModelAdapter, ctx: RunContext) -> Iterator[Metric]:
         with torch_threads(self.config.threads):

@@ -9,6 +9,13 @@ if TYPE_CHECKING:
 
 # The character-level ladder (harness/models/charlm.py) in the order the report reads it: one idea at a time.
 LADDER_ORDER = ("bigram", "trigram", "mlp-ngram", "rnn", "lstm", "gru", "char-gpt-scratch", "char-gpt-hf")
+
+
+def ladder_refusal(task: str, model: str) -> str:
+    """The one-line refusal of ngram-rules and char-ppl for a model that is not one of the ladder's."""
+    return f"{task} trains its own models; '{model}' is not one of: {', '.join(LADDER_ORDER)}"
+
+
 # The autograd-fit contestants (harness/models/charlm.py): our scalar engine and two torch references.
 FITTERS = ("autograd-scratch", "autograd-torch", "autograd-torch-nn")
 

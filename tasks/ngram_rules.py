@@ -51,7 +51,7 @@ from harness.api import (
     torch_threads,
 )
 from reproductions import charlm
-from tasks.common import LADDER_ORDER
+from tasks.common import LADDER_ORDER, ladder_refusal
 from tasks.ngram_rules_lang import TASK_VERSION, RuleLanguage, RuleSpec
 
 
@@ -97,7 +97,7 @@ class NGramRules(Task):
     }
 
     def refusal(self, model: ModelAdapter, capability: Capability) -> str:
-        return f"{self.name} trains its own models; '{model.name}' is not one of: {', '.join(LADDER_ORDER)}"
+        return ladder_refusal(self.name, model.name)
 
     def run(self, model: ModelAdapter, ctx: RunContext) -> Iterator[Metric]:
         for n in ctx.track(self.config.n, total=len(self.config.n), description=f"{self.name} {model.name}"):
