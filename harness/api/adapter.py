@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.api.capabilities import Capability
-from harness.api.errors import HarnessError
+from harness.api.errors import HarnessError, first_line
 
 if TYPE_CHECKING:
     from harness.api.tokenizer import TextTokenizer
@@ -73,11 +73,6 @@ def check_device(device: str) -> None:
     if kind == "cuda" and colon and int(index) >= torch.cuda.device_count():
         raise HarnessError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
                            f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 class ModelAdapter(ABC):

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from harness.api.errors import HarnessError, UnknownNameError
+from harness.api.errors import HarnessError, UnknownNameError, first_line
 from harness.api.tokenizer import TextTokenizer, tokenizer_from_dir
 
 
@@ -61,10 +61,9 @@ def load_weights(arch: ArchSpec, spec: str | None, seed: int) -> Weights:
         return _random_weights(arch, spec.partition(":")[2] or arch.default_size, seed)
     if spec in arch.aliases:
         return _pretrained_weights(arch, str(arch.aliases[spec]()), identity=spec)
-    if Path(spec).is_dir():
-        return _pretrained_weights(arch, spec, identity=spec)
-    if Path(spec).expanduser().is_dir():  # `~/ckpt` quoted past the shell
-        return _pretrained_weights(arch, str(Path(spec).expanduser()), identity=spec)
+    local = Path(spec).expanduser()  # `~/ckpt` quoted past the shell, too
+    if local.is_dir():
+        return _pretrained_weights(arch, str(local), identity=spec)
     known = ", ".join(["random[:SIZE]", *arch.aliases])
     if _looks_like_path(spec):
         what = "a file, not a checkpoint directory" if Path(spec).expanduser().exists() else "no such directory"
@@ -107,7 +106,7 @@ def _pretrained_weights(arch: ArchSpec, where: str, identity: str) -> Weights:
                 where, output_loading_info=True, ignore_mismatched_sizes=True
             )
     except (OSError, ValueError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         if not Path(where).is_dir() and _offline():
             raise HarnessError(f"weights '{where}': not (completely) in the local Hugging Face cache ({_hub_cache()}) "
                                "and HF_HUB_OFFLINE is set: download it once with a network, or pass a local "

@@ -8,13 +8,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from harness.api import HarnessError
 from harness.train.checkpoint import read_state
-from harness.train.config import TrainConfig, TrainRun, make_train_config, split_overrides
+from harness.train.config import TrainConfig, TrainRun, make_train_config, show, split_overrides
 from harness.train.loop import train
 
 
@@ -47,13 +46,9 @@ def add_parser(sub) -> None:
             dest=f"train_{f.name}",
             default=None,
             metavar=f.name.upper(),
-            help=f"{f.metadata['help']} (default {_show(f.default)})",
+            help=f"{f.metadata['help']} (default {show(f.default)})",
         )
     p.set_defaults(func=cmd_train)
-
-
-def _show(value: Any) -> str:
-    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

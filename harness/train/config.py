@@ -91,3 +91,8 @@ def split_overrides(items: list[str]) -> tuple[dict[str, str], dict[str, str]]:
             raise HarnessError(f"--set {item!r}: expected train.KEY=VALUE or model.KEY=VALUE (train.lr=3e-4)") from None
         scoped[scope].update(values)
     return scoped["train"], scoped["model"]
+
+
+def show(value: Any) -> str:
+    """A config value as a flag takes it: tuples comma-joined (`0.9,0.95`), everything else as str()."""
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)

@@ -10,12 +10,9 @@ from pathlib import Path
 import pandas as pd
 
 from harness.api import REPORT_SECTIONS
+from harness.train.config import show
 
 TASK = "train"
-
-
-def _show(value) -> str:
-    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
 @REPORT_SECTIONS.register(TASK, "harness train: runs, loss curves, training parity")
@@ -51,7 +48,7 @@ def _runs_table(rows: pd.DataFrame) -> str:
         value = _last_value_getter(run)
         t = last["config"].get("train", {}) if isinstance(last["config"], dict) else {}
         recipe = ", ".join(
-            f"{k}={_show(tuple(v) if isinstance(v, list) else v)}"
+            f"{k}={show(tuple(v) if isinstance(v, list) else v)}"
             for k, v in t.items()
             if k
             in (
