@@ -11,11 +11,14 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
 from rich.console import Console
 
-from harness.api import Generator, HarnessError, ModelAdapter
+from harness.api import Generator, HarnessError
+
+if TYPE_CHECKING:  # torch (and the adapter) are imported when the command runs: `harness list` stays fast
+    from harness.api import ModelAdapter
 
 
 @dataclass(frozen=True)
@@ -39,11 +42,15 @@ class GenerateConfig:
             raise HarnessError(f"--seed {self.seed}: must be >= 0")
 
 
-def load_model(name: str, weights: str | None, seed: int = 0, device: str = "cpu") -> ModelAdapter:
-    """Build a registered model on its weights exactly as `harness run` does."""
+def load_model(name: str, weights: str | None, seed: int = 0, device: str = "cpu",
+               reference: str | None = None) -> ModelAdapter:
+    """Build a registered model (or a user's `PATH.py:NAME` held to `reference`) on its weights exactly as
+    `harness run` does."""
+    import torch
+
     from harness.api import MODELS, check_device, load_weights
 
-    spec = MODELS.get(name)
+    spec = MODELS.resolve(name, reference)
     check_device(device)
     resolved = load_weights(spec.arch, weights, seed)
     torch.manual_seed(seed)
@@ -75,7 +82,11 @@ def add_parser(sub) -> None:
         help="continue a prompt with a model (greedy or seeded sampling)",
         description="Print the continuation of --prompt by --model on --weights.",
     )
-    p.add_argument("--model", required=True, help="registry name, e.g. gpt2-scratch or gpt2-hf")
+    p.add_argument("--model", required=True, help="registry name, e.g. gpt2-scratch or gpt2-hf, or your own "
+                   "PATH.py:NAME / package.module:NAME with --reference (docs/bring-your-own.md)")
+    p.add_argument("--reference", default=None, metavar="REF",
+                   help="the registered reference a PATH.py:NAME model is held to (e.g. gpt2-hf): its "
+                        "architecture, default weights and tokenizer")
     p.add_argument("--weights", default=None, help="random[:SIZE] | alias | HF-format dir (default: the model's)")
     p.add_argument("--prompt", required=True, help="text to continue ('' starts from <|endoftext|>)")
     p.add_argument("--max-new-tokens", type=int, default=GenerateConfig.max_new_tokens)
@@ -89,7 +100,7 @@ def add_parser(sub) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     cfg = GenerateConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
-    model = load_model(args.model, args.weights, args.seed, args.device)
+    model = load_model(args.model, args.weights, args.seed, args.device, args.reference)
     model.require(Generator, task="generate")  # refused before anything is printed
     Console(stderr=True).print(
         f"{model.name} on weights {model.weights.identity} "

@@ -33,6 +33,7 @@ from harness.api import (
     ResultRow,
     ResultStore,
     RunContext,
+    RunJournal,
     Task,
     Weights,
     check_device,
@@ -40,6 +41,7 @@ from harness.api import (
     make_config,
     make_row,
 )
+from harness.api.store import DEFAULT_RESULTS_DIR, check_same_plan, newest_run
 
 
 @dataclass
@@ -50,8 +52,10 @@ class RunPlan:
     limit: int | None = None
     seed: int = 0
     device: str = "cpu"
-    results_dir: str = "results"
+    results_dir: str = DEFAULT_RESULTS_DIR
     overrides: dict[str, dict[str, str]] = field(default_factory=dict)  # task -> key -> raw value
+    reference: str | None = None  # --reference: the registered reference a user's model (PATH.py:NAME) is held to
+    resume: bool = False  # continue the newest run in results_dir (same plan): finished units are not redone
 
 
 @dataclass
@@ -90,6 +94,15 @@ class ModelPool:
             del self._models[name]
 
 
+def resolve_model(name: str, reference: str | None) -> ModelSpec:
+    """`--model name` with `--reference`: a user's model (`PATH.py:NAME`) is resolved against it and
+    afterwards found by name (`MODELS.get`); a registered model must not contradict it; a reference
+    model listed beside a user's (`--model mine.py:build,gpt2-hf`) ignores it."""
+    if name in MODELS and MODELS.get(name).info.reference is None:
+        return MODELS.get(name)
+    return MODELS.resolve(name, reference)
+
+
 def validate(plan: RunPlan) -> dict[str, Task]:
     """Check every name before any work starts; return the configured tasks."""
     if not plan.models:
@@ -97,7 +110,9 @@ def validate(plan: RunPlan) -> dict[str, Task]:
     if not plan.tasks:
         raise HarnessError("--tasks: give at least one task name (see `harness list tasks`)")
     for name in plan.models:
-        MODELS.entry(name)
+        resolve_model(name, plan.reference)
+        if plan.models.count(name) > 1:
+            raise HarnessError(f"--model: '{name}' is given {plan.models.count(name)} times; name each model once")
     for name in plan.tasks:
         TASKS.entry(name)
     for name, keys in plan.overrides.items():
@@ -113,22 +128,69 @@ def validate(plan: RunPlan) -> dict[str, Task]:
     tasks = {name: TASKS.get(name)(make_config(TASKS.get(name), plan.overrides.get(name, {}))) for name in plan.tasks}
     for task in tasks.values():
         task.validate()  # config checks that need no model (files, ranges), before any weights load
+    for name, keys in plan.overrides.items():
+        for key, raw in keys.items():
+            check_range(name, key, raw, getattr(tasks[name].config, key))
     return tasks
+
+
+# `--set` values whose meaning fixes a range, by the key's last word (every task names its fields so):
+# counts and sizes are at least 1, learning rates positive, thread and resample counts not negative.
+AT_LEAST_ONE = {"size", "sizes", "steps", "epochs", "samples", "examples", "len", "lens", "tokens", "repeats",
+                "vocab", "length", "batch", "prompts", "candidates", "layers", "heads", "points", "chars",
+                "frequency", "allowed"}
+NOT_NEGATIVE = {"threads", "bootstrap", "warmup", "decay", "smoothing", "ratio", "clip", "beta", "coef", "gamma",
+                "lam", "epsilon", "atol", "temperature", "jitter"}
+FRACTION = {"fraction"}  # strictly between 0 and 1
+
+
+def check_range(task: str, key: str, raw: str, value: Any) -> None:
+    """Refuse an overridden value outside the range its key implies (or a NaN / inf), in one line."""
+    last = "warmup" if key.startswith("warmup") else key.rsplit("_", 1)[-1]  # warmup_steps=0: no warmup, >= 0
+    for v in value if isinstance(value, tuple) else (value,):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if v != v or v in (float("inf"), float("-inf")):
+            problem = "must be a finite number"
+        elif last in AT_LEAST_ONE and v < 1:
+            problem = "must be at least 1"
+        elif (last == "lr" or key.startswith("lr_")) and v <= 0:
+            problem = "must be > 0 (a learning rate)"
+        elif last in NOT_NEGATIVE and v < 0:
+            problem = "must be >= 0"
+        elif last in FRACTION and not 0 < v < 1:
+            problem = "must be between 0 and 1"
+        else:
+            continue
+        raise HarnessError(f"--set {task}.{key}={raw}: {problem}")
 
 
 def run(plan: RunPlan, console: Console | None = None) -> tuple[ResultStore, list[Failure]]:
     console = console or Console(stderr=True)
     tasks = validate(plan)
-    store = ResultStore(plan.results_dir)
+    plan = _rank_zero_writes(plan)
+    record = plan_record(plan, tasks)
+    run_id = newest_run(plan.results_dir) if plan.resume else None
+    if run_id:
+        check_same_plan(plan.results_dir, run_id, record)  # another plan is refused before any weights load
+    store = ResultStore(plan.results_dir, run_id)
     pool = ModelPool(plan)
     for name in plan.models:  # bad --weights fail here, before any work, as a one-line error
         pool.weights(MODELS.get(name))
+    for name in (n for n in plan.models if MODELS.get(n).info.impl == "user"):
+        pool.get(name)  # a user's NAME(hf_config), weight placement and forward are checked before any work
+    journal = _journal(store, record, pool, tasks, resume=run_id is not None)
+    if run_id:
+        todo = sum(not journal.is_complete(m, t) for m in plan.models for t in tasks)
+        console.print(f"resuming run {run_id}: {len(store.rows)} rows kept, {journal.dropped} of a unit cut short "
+                      f"dropped; {todo} of {len(plan.models) * len(tasks)} (model, task) units to run", highlight=False)
     failures: list[Failure] = []
     with _progress(console) as progress:
         overall = progress.add_task("models x tasks", total=len(plan.models) * len(tasks))
         for model_name in plan.models:
             for task in tasks.values():
-                failure = _run_one(pool, model_name, task, plan, store, progress)
+                done = journal.is_complete(model_name, task.name)  # by an earlier attempt (--resume)
+                failure = None if done else _run_one(pool, model_name, task, plan, store, progress, journal)
                 if failure:
                     failures.append(failure)
                     console.print(f"[red]x[/red] {failure.model} / {failure.task}: {failure.message}")
@@ -137,25 +199,68 @@ def run(plan: RunPlan, console: Console | None = None) -> tuple[ResultStore, lis
     return store, failures
 
 
-def _run_one(pool: ModelPool, model_name: str, task: Task, plan: RunPlan, store: ResultStore, progress: Progress):
+def _run_one(pool: ModelPool, model_name: str, task: Task, plan: RunPlan, store: ResultStore, progress: Progress,
+             journal: RunJournal | None = None):
     """Run one task on one model, appending each row the moment its metric is computed."""
     start = time.perf_counter()
     try:
         model = pool.get(model_name)
         task.check(model)
-        ctx = RunContext(plan.seed, plan.limit, plan.device, pool.reference, _tracker(progress), plan.results_dir)
+        ctx = RunContext(plan.seed, plan.limit, plan.device, pool.reference, _tracker(progress), plan.results_dir,
+                         **_resume_hooks(journal, model_name, task.name))
         torch.manual_seed(plan.seed)
         for metric in task.run(model, ctx):
             store.append(row_of(model, task, metric, plan, store.run_id, time.perf_counter() - start))
+        if journal is not None:
+            journal.finish(model_name, task.name)
     except HarnessError as e:
         return Failure(model_name, task.name, str(e))
     return None
 
 
+def plan_record(plan: RunPlan, tasks: dict[str, Task]) -> dict[str, Any]:
+    """What a run computes, stored beside its rows: `--resume` continues only a run of the same plan."""
+    return {"models": plan.models, "reference": plan.reference, "tasks": list(tasks), "weights": plan.weights,
+            "limit": plan.limit, "seed": plan.seed, "device": plan.device,
+            "task_versions": {n: t.version for n, t in tasks.items()},
+            "configs": {n: asdict(t.config) for n, t in tasks.items()}}
+
+
+def _journal(store: ResultStore, record: dict[str, Any], pool: ModelPool, tasks: dict[str, Task],
+             resume: bool) -> RunJournal:
+    """A new run's journal, or (--resume) the earlier run's, its rows of units cut short dropped."""
+    record["weights_sha256"] = {n: pool.weights(MODELS.get(n)).sha256 for n in record["models"]}
+    if not resume:
+        return RunJournal.start(store, record)
+    journal = RunJournal.reopen(store, record)
+    journal.forget(_redo_with_reference(journal, record["models"], tasks))
+    journal.prune()
+    return journal
+
+
+def _redo_with_reference(journal: RunJournal, models: list[str], tasks: dict[str, Task]) -> set[tuple[str, str]]:
+    """Finished units of a task that measures a model's reference inside the model's unit, whose
+    reference's unit is not finished: the reference's rows were never written, so both are redone."""
+    redo = set()
+    for task in (t for t in tasks.values() if t.measures_reference):
+        for name in models:
+            ref = MODELS.get(name).info.reference
+            if ref in models and journal.is_complete(name, task.name) and not journal.is_complete(ref, task.name):
+                redo.add((name, task.name))
+    return redo
+
+
+def _resume_hooks(journal: RunJournal | None, model: str, task: str) -> dict[str, Any]:
+    if journal is None:
+        return {}
+    return {"completed": lambda sub: journal.subtask_done(model, task, sub),
+            "on_done": lambda sub: journal.finish(model, task, sub)}
+
+
 def row_of(model: ModelAdapter, task: Task, m: Metric, plan: RunPlan, run_id: str, wall: float) -> ResultRow:
     return make_row(m, model=model.name, weights=model.weights, task=task.name, task_version=task.version,
                     config=_config_dict(task, plan), seed=plan.seed, run_id=run_id, device=str(model.device),
-                    wall_seconds=wall)
+                    wall_seconds=wall, model_sha256=getattr(model, "model_sha256", None))  # a user's file
 
 
 def _config_dict(task: Task, plan: RunPlan) -> dict[str, Any]:
@@ -179,3 +284,19 @@ def _tracker(progress: Progress):
         return progress.track(iterable, total=total, description=description)
 
     return track
+
+
+def _rank_zero_writes(plan: RunPlan) -> RunPlan:
+    """Under torchrun (RANK set) rank 0 alone writes rows: tasks that shard their work (ppl) all-reduce
+    it, so every rank computes the same rows, and the other ranks' go to a throwaway directory."""
+    import atexit
+    import os
+    import shutil
+    import tempfile
+    from dataclasses import replace
+
+    if os.environ.get("RANK", "0") == "0":
+        return plan
+    scratch = tempfile.mkdtemp(prefix=f"harness-rank{os.environ['RANK']}-")
+    atexit.register(shutil.rmtree, scratch, True)
+    return replace(plan, results_dir=scratch, resume=False)

@@ -387,7 +387,7 @@ class Glue(Task):
             raise HarnessError(f"glue.subtasks is empty; choose from {', '.join(sorted(SUBTASKS))}")
 
     def run(self, model: ModelAdapter, ctx: RunContext) -> Iterator[Metric]:
-        for name in self.config.subtasks:
+        for name in ctx.subtasks(self.config.subtasks):  # --resume redoes only the subtask a kill cut short
             sub = subtask(name)
             if not sub.has_local_train and self.config.source == "local":
                 note = "its train split is not vendored (tasks/data/README.md); use --set glue.source=hub"

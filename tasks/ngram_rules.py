@@ -20,6 +20,9 @@ symbols are coin flips among V), so its valid rate collapses to about (k/V)^(L-N
 Everything is derived from `--seed`: the rule table, the training and held-out sequences, the
 model's initial weights, the batch order and the sampling. Seeds do not depend on the model,
 so char-gpt-scratch and char-gpt-hf train from the same init on the same batches.
+With `seeds` = S > 1 each order is run for seeds --seed .. --seed+S-1 and every row holds the mean
+over them (`stderr` across seeds, a 95% Student-t interval in `extra.ci_low` / `extra.ci_high`, each
+seed's value in `extra.per_seed`); the subtask stays `n=N`.
 The `valid_rate` row's `extra.internals` holds what the report draws: the bigram's probability
 table, the MLP's embeddings and hidden states projected on two principal components, and the
 transformer's attention maps on one held-out sequence.
@@ -36,6 +39,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from scipy.stats import t as scipy_t
 
 from harness.api import (
     TASKS,
@@ -69,6 +73,7 @@ class NGramRulesConfig:
     allowed: int = 2  # k, size of each allowed set
     temperature: float = 1.0  # sampling temperature
     threads: int = 1  # torch intra-op threads while training and sampling (0: leave torch's setting)
+    seeds: int = 1  # replicates per N: seeds --seed, --seed+1, ...; rows hold the mean and a t-interval
 
 
 def derive_seed(seed: int, *parts: object) -> int:
@@ -100,10 +105,19 @@ class NGramRules(Task):
         return ladder_refusal(self.name, model.name)
 
     def run(self, model: ModelAdapter, ctx: RunContext) -> Iterator[Metric]:
-        for n in ctx.track(self.config.n, total=len(self.config.n), description=f"{self.name} {model.name}"):
+        orders = ctx.subtasks(self.config.n, key=lambda n: f"n={n}")  # --resume skips the orders already finished
+        for n in ctx.track(orders, total=len(self.config.n), description=f"{self.name} {model.name}"):
             with torch_threads(self.config.threads):
-                metrics = list(self.run_order(model.require(Ladder, self.name), n, ctx.seed))
-            yield from metrics
+                seeds = [ctx.seed + r for r in range(self.config.seeds)]
+                runs = [list(self.run_order(model.require(Ladder, self.name), n, s)) for s in seeds]
+            yield from combine_seeds(runs, seeds)
+
+    def validate(self) -> None:
+        if self.config.seeds < 1:
+            raise HarnessError(f"{self.name}.seeds must be >= 1 (got {self.config.seeds}); "
+                               f"e.g. --set {self.name}.seeds=3")
+        for n in self.config.n:
+            self.language(n, 0)  # a bad order or alphabet is refused before any model is built
 
     def language(self, n: int, seed: int) -> RuleLanguage:
         c = self.config
@@ -143,6 +157,34 @@ class NGramRules(Task):
     @staticmethod
     def report_section(history: pd.DataFrame, fig_dir: Path, report_dir: Path) -> str:
         return ngram_rules_section(history, Path(fig_dir), Path(report_dir))
+
+
+def combine_seeds(runs: list[list[Metric]], seeds: list[int]) -> Iterator[Metric]:
+    """One row per metric from the runs of several seeds (same order of rows in each run): the mean,
+    its standard error across seeds and a 95% Student-t interval over seeds (`extra.ci_low/ci_high`,
+    clipped to [0, 1] for rates), with every seed's value in `extra.per_seed`. The first seed's
+    internals and loss curve are kept (the report draws one model, not an average of them)."""
+    for rows in zip(*runs):
+        first, values = rows[0], [r.value for r in rows]
+        mean = sum(values) / len(values)
+        extra = {**first.extra, "seeds": seeds, "per_seed": values}
+        stderr = None
+        if len(values) > 1:
+            stderr = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
+            half = float(scipy_t.ppf(0.975, len(values) - 1)) * stderr
+            low, high = mean - half, mean + half
+            if first.metric in RATES:
+                low, high = max(0.0, low), min(1.0, high)
+            extra.update(ci_low=low, ci_high=high, ci_level=0.95)
+            for key in PER_SEED_INFO:  # what differs between seeds, listed in seed order
+                extra[key] = [r.extra.get(key) for r in rows]
+        n = sum(r.n for r in rows) if all(r.n is not None for r in rows) else None
+        yield Metric(first.metric, mean, first.higher_is_better, subtask=first.subtask, n=n, stderr=stderr,
+                     extra=extra)
+
+
+RATES = frozenset({"valid_rate", "token_valid_rate"})
+PER_SEED_INFO = ("rule_seed", "final_train_loss")
 
 
 def _device(lm: torch.nn.Module) -> torch.device:
@@ -272,12 +314,27 @@ def _metric(rows: pd.DataFrame, metric: str) -> pd.DataFrame:
     return block.pivot_table(index="label", columns="order", values="value", aggfunc="last")
 
 
+def _bounds(rows: pd.DataFrame, metric: str, side: str) -> pd.DataFrame:
+    """label x N of `extra.ci_low` or `extra.ci_high` (NaN for single-seed rows)."""
+    block = rows[rows["metric"] == metric]
+    block = block.assign(bound=block["extra"].map(lambda e: e.get(side) if isinstance(e, dict) else None))
+    return block.pivot_table(index="label", columns="order", values="bound", aggfunc="last", dropna=False)
+
+
 def _table(rows: pd.DataFrame, metric: str) -> str:
-    values = _metric(rows, metric)
+    """Markdown label x N; cells of multi-seed rows read `mean [ci_low, ci_high]`."""
+    values, low, high = _metric(rows, metric), _bounds(rows, metric, "ci_low"), _bounds(rows, metric, "ci_high")
     orders = sorted(values.columns)
+
+    def cell(label: str, n: int) -> str:
+        lo = low.loc[label].get(n) if label in low.index and n in low.columns else None
+        hi = high.loc[label].get(n) if label in high.index and n in high.columns else None
+        ci = "" if lo is None or hi is None or math.isnan(lo) else f" [{lo:.2f}, {hi:.2f}]"
+        return _fmt(values.loc[label].get(n)) + ci
+
     lines = ["| model | " + " | ".join(f"N={n}" for n in orders) + " |", "|---|" + "---|" * len(orders)]
     for label in [lab for lab in _labels(rows) if lab in values.index]:
-        lines.append(f"| {label} | " + " | ".join(_fmt(values.loc[label].get(n)) for n in orders) + " |")
+        lines.append(f"| {label} | " + " | ".join(cell(label, n) for n in orders) + " |")
     return "\n".join(lines)
 
 
@@ -327,16 +384,25 @@ def plot_by_order(rows: pd.DataFrame, path: Path) -> Drawn:
     panels = [("valid_rate", _metric(rows, "valid_rate")), ("token_valid_rate", _metric(rows, "token_valid_rate")),
               ("nll - entropy bound (nats)", excess)]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    intervals = {metric: (_bounds(rows, metric, "ci_low"), _bounds(rows, metric, "ci_high")) for metric in RATES}
     for ax, (title, values) in zip(axes, panels):
+        low, high = intervals.get(title, (None, None))
         for label in [lab for lab in labels if lab in values.index]:
             series = values.loc[label].dropna()
-            ax.plot(series.index, series.values, marker="o", label=label)
+            line, = ax.plot(series.index, series.values, marker="o", label=label)
+            if low is not None and label in low.index:
+                lo, hi = low.loc[label].reindex(series.index), high.loc[label].reindex(series.index)
+                ax.fill_between(series.index, lo.values.astype(float), hi.values.astype(float),
+                                color=line.get_color(), alpha=0.15, lw=0)
         ax.set(title=title, xlabel="rule order N", xticks=sorted(values.columns))
     axes[0].legend(fontsize=7)
+    seeds = {len(e.get("seeds", [0])) for e in rows["extra"] if isinstance(e, dict)}
+    band = (f" Shaded: 95% Student-t interval over {max(seeds)} seeds (rule table, data, init and sampling "
+            "all change with the seed); lines: the mean." if max(seeds, default=1) > 1 else "")
     return _save(fig, path), (
-        "Valid rate, token valid rate and excess nll against the rule order N. A model past its reach "
-        "sits at token valid rate k/V and excess nll log V - entropy bound; the valid rate, which needs "
-        "every constrained symbol right, falls before the token valid rate does.")
+        "Valid rate, token valid rate and excess nll against the rule order N, one line per model. A model "
+        "past its reach sits at token valid rate k/V and excess nll log V - entropy bound; the valid rate, "
+        "which needs every constrained symbol right, falls before the token valid rate does." + band)
 
 
 def plot_curves(rows: pd.DataFrame, path: Path) -> Drawn:

@@ -52,11 +52,21 @@ class Parity(Task):
         "greedy_tokens_equal": MetricSpec(higher_is_better=True, threshold=None),
         "max_abs_grad_diff": MetricSpec(higher_is_better=False, threshold=1e-5, gate_atol=1e-5),
         "max_abs_hidden_diff": MetricSpec(higher_is_better=False, threshold=1e-5, gate_atol=1e-5),
+        # RL loss pairs (tasks/rl_rules.py): |loss diff| over TRL's configurations; their grads are held to 1e-6 too
+        "max_abs_loss_diff": MetricSpec(higher_is_better=False, threshold=1e-6, gate_atol=1e-6),
     }
+
+    def check(self, model: ModelAdapter) -> None:
+        if model.can(Capability.RL_LOSS):  # an RL algorithm's losses, not an LM's logits: see rl_loss_rows
+            return
+        super().check(model)
 
     def run(self, model: ModelAdapter, ctx: RunContext) -> Iterator[Metric]:
         reference = ctx.reference(model)
         if reference is None:
+            return
+        if model.can(Capability.RL_LOSS):
+            yield from self.rl_loss_rows(model, reference, ctx.seed)
             return
         inputs = self.random_inputs(model, ctx.seed)
         extra = {"atol": self.config.atol, "reference": reference.name}
@@ -68,6 +78,17 @@ class Parity(Task):
         yield self.metric("max_abs_grad_diff", grad_diff(model, reference, inputs), n=inputs.numel(), extra=extra)
         if model.can(Generator) and reference.can(Generator):
             yield self.greedy(model, reference)
+
+    def rl_loss_rows(self, model: ModelAdapter, reference: ModelAdapter, seed: int) -> Iterator[Metric]:
+        """Same policy, old and reference log-probabilities, rewards and masks -> the same loss and
+        gradients as TRL's (tasks/rl_rules.py, `rl_parity`), fp32, each <= 1e-6."""
+        from harness.api.capabilities import RLLoss
+        from tasks.rl_rules import rl_parity
+
+        loss, grad, detail = rl_parity(model.require(RLLoss, self.name), reference.require(RLLoss, self.name), seed)
+        extra = {"atol": 1e-6, "reference": reference.name, **detail}
+        yield self.metric("max_abs_loss_diff", loss, extra=extra)
+        yield self.metric("max_abs_grad_diff", grad, extra=extra)
 
     def random_inputs(self, model: ModelAdapter, seed: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed)

@@ -14,6 +14,10 @@ Aggregates are weighted by counts over all documents:
   word_perplexity = exp(-sum LL / sum words),  byte_perplexity = exp(-sum LL / sum bytes),
   bits_per_byte = -sum LL / sum bytes / ln 2,  token_perplexity = exp(-sum LL / sum tokens).
 
+Speed: the LM head runs only on the scored positions, a block of logits at a time, and log p is
+logit[target] - logsumexp(logits) (`target_logprobs`): the full (B, T, vocab) log-softmax is never
+materialised. Under torchrun the documents are sharded across ranks and the sums all-reduced (`shard`).
+
 `ppl.stride` < max length switches to overlapping sliding windows (each scored token then has at
 least max_length - stride tokens of context), as in the transformers perplexity guide.
 """
@@ -21,6 +25,7 @@ least max_length - stride tokens of context), as in the transformers perplexity 
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -142,29 +147,123 @@ def score_documents(
     ctx: RunContext,
 ) -> list[float]:
     """Sum of log-likelihoods per document, each conditioned on `prefix` first; windows of all documents
-    are batched together."""
+    are batched together. Under torchrun each rank scores its share of the documents (`shard`) and the
+    per-document sums are all-reduced, so every rank returns the same list as one process would."""
+    world = _world()
+    mine = shard([len(t) for t in token_lists], world.size)[world.rank]
     work = [
         (doc, ids, n)
-        for doc, tokens in enumerate(token_lists)
-        for ids, n in rolling_windows(tokens, prefix, max_length, stride)
+        for doc in mine
+        for ids, n in rolling_windows(token_lists[doc], prefix, max_length, stride)
     ]
     work.sort(key=lambda w: -len(w[1]))  # similar lengths together: little padding
-    totals = [0.0] * len(token_lists)
+    totals = torch.zeros(len(token_lists), dtype=torch.float64)
     batches = [work[i : i + batch_size] for i in range(0, len(work), batch_size)]
-    for batch in ctx.track(batches, total=len(batches), description=f"ppl {model.name}"):
-        for (doc, _, _), ll in zip(batch, _score_batch(model, batch)):
-            totals[doc] += ll
-    return totals
+    score = _batch_scorer(model)
+    with torch.inference_mode():
+        for batch in ctx.track(batches, total=len(batches), description=f"ppl {model.name}"):
+            totals.index_add_(0, torch.tensor([doc for doc, _, _ in batch]), score(model, batch))
+    return world.all_sum(totals).tolist()
 
 
-def _score_batch(model: ModelAdapter, batch: list[tuple[int, list[int], int]]) -> list[float]:
+# -- scoring a batch of windows -------------------------------------------------------------------------
+# lm-eval (and `ModelAdapter.token_logprobs`) computes log_softmax over the full (B, T, vocab) logits and
+# then gathers the targets. Only log p(target) = logit[target] - logsumexp(logits) is needed, and only at
+# the scored positions, so the fast path runs the LM head on those positions' final hidden states,
+# CHUNK_LOGITS logits at a time (a block that stays in cache while it is reduced), and never writes the
+# full logits or their log-softmax. Same arithmetic in float32; sums in float64.
+CHUNK_LOGITS = 2**22  # logits per chunk: 16 MB of float32 (83 rows of GPT-2's 50,257)
+Batch = list[tuple[int, list[int], int]]  # (document, window ids, scored count)
+
+
+def _batch_scorer(model: ModelAdapter):
+    """The fast scorer where the model exposes its LM head apart (and it reproduces the logits on a
+    probe to 1e-5), else the generic one through `token_logprobs`."""
+    head = getattr(model, "output_head", lambda: None)()
+    if head is None or not _split_reproduces_logits(model, head):
+        return _score_batch
+    return lambda m, batch: _score_batch_split(m, batch, head)
+
+
+def _split_reproduces_logits(model: ModelAdapter, head: torch.nn.Linear) -> bool:
+    probe = torch.arange(8).remainder(model.tokenizer.vocab_size)[None, :]
+    with torch.inference_mode():
+        split = torch.nn.functional.linear(model.final_hidden(probe), head.weight, head.bias)
+        return torch.allclose(split.float(), model.logits(probe).float(), rtol=1e-5, atol=1e-5)
+
+
+def _padded(model: ModelAdapter, batch: Batch) -> torch.Tensor:
     width = max(len(ids) for _, ids, _ in batch)
     padded = torch.full((len(batch), width), model.tokenizer.pad_id, dtype=torch.long)
     for row, (_, ids, _) in enumerate(batch):
         padded[row, : len(ids)] = torch.tensor(ids)
-    logprobs = model.token_logprobs(padded[:, :-1], padded[:, 1:])  # (B, width - 1)
+    return padded
+
+
+def _score_batch(model: ModelAdapter, batch: Batch) -> torch.Tensor:
+    """Per-window sums (float64) through `token_logprobs`: the generic path for any Scorer."""
+    padded = _padded(model, batch)
+    logprobs = model.token_logprobs(padded[:, :-1], padded[:, 1:]).cpu()  # (B, width - 1)
     # row r has len(ids) - 1 real predictions; the last n of them are the ones this window scores
-    return [float(logprobs[r, len(ids) - 1 - n : len(ids) - 1].double().sum()) for r, (_, ids, n) in enumerate(batch)]
+    return torch.stack([logprobs[r, len(ids) - 1 - n : len(ids) - 1].double().sum()
+                        for r, (_, ids, n) in enumerate(batch)])
+
+
+def _score_batch_split(model: ModelAdapter, batch: Batch, head: torch.nn.Linear) -> torch.Tensor:
+    """Per-window sums (float64): the LM head only on the scored positions, in chunks."""
+    padded = _padded(model, batch)
+    width = padded.size(1) - 1
+    rows = torch.cat([torch.full((n,), r) for r, (_, _, n) in enumerate(batch)])
+    cols = torch.cat([torch.arange(len(ids) - 1 - n, len(ids) - 1) for _, ids, n in batch])
+    hidden = model.final_hidden(padded[:, :-1])  # (B, width, C)
+    scored = hidden.reshape(-1, hidden.size(-1))[(rows * width + cols).to(hidden.device)]  # (N, C)
+    targets = padded[:, 1:][rows, cols].to(hidden.device)
+    logprobs = target_logprobs(scored, head, targets).cpu().double()
+    return torch.zeros(len(batch), dtype=torch.float64).index_add_(0, rows, logprobs)
+
+
+def target_logprobs(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(head(hidden))[targets] as float32 (N,), CHUNK_LOGITS logits at a time."""
+    step = max(1, CHUNK_LOGITS // head.out_features)
+    out = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)
+    for i in range(0, len(targets), step):
+        logits = torch.nn.functional.linear(hidden[i : i + step], head.weight, head.bias).float()
+        out[i : i + step] = logits.gather(1, targets[i : i + step, None]).squeeze(1) - logits.logsumexp(1)
+    return out
+
+
+# -- torchrun: documents sharded across ranks ------------------------------------------------------------
+def shard(lengths: list[int], ranks: int) -> list[list[int]]:
+    """Document indices per rank: longest first, each to the rank with the fewest tokens so far
+    (ties: the lowest rank); deterministic, so every rank computes the same split."""
+    load, out = [0] * ranks, [[] for _ in range(ranks)]
+    for doc in sorted(range(len(lengths)), key=lambda d: (-lengths[d], d)):
+        rank = min(range(ranks), key=lambda r: (load[r], r))
+        out[rank].append(doc)
+        load[rank] += lengths[doc]
+    return [sorted(docs) for docs in out]
+
+
+@dataclass(frozen=True)
+class _World:
+    rank: int = 0
+    size: int = 1
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.size > 1:
+            torch.distributed.all_reduce(t)  # each document is scored on one rank, zeros elsewhere
+        return t
+
+
+def _world() -> _World:
+    """The torchrun world (RANK / WORLD_SIZE set), its gloo process group joined on first use; one rank
+    without torchrun. The sums are reduced on CPU, whatever the model's device."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return _World()
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="gloo")
+    return _World(torch.distributed.get_rank(), torch.distributed.get_world_size())
 
 
 TASKS.add(Perplexity.name, Perplexity.description, Perplexity)

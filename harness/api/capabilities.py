@@ -34,6 +34,7 @@ class Capability(str, Enum):
     LADDER = "ladder"  # hands out fresh small LMs over a task's own symbols and trains them (ngram-rules)
     FIT = "fit"  # fits a regression by gradient descent (autograd-fit)
     CAUSAL_LM = "causal-lm"  # a decoder-only LM whose forward, decoding and training can be timed (throughput)
+    RL_LOSS = "rl-loss"  # RL fine-tuning of a small policy: an algorithm's loss on rollouts (rl-rules, parity)
 
 
 class _Model(Protocol):
@@ -142,7 +143,42 @@ class Fitter(_Model, Protocol):
         """(final parameters: weights then bias, loss before every update)."""
 
 
+class RLSession(Protocol):
+    """One RL fine-tuning run of a policy (harness/models/rl.py): what `RLLoss.rl_session` returns."""
+
+    policy: nn.Module  # a reproductions.charlm.CharLM: `logits(idx)`, `sample(...)`; the one being trained
+    reference: nn.Module  # the frozen policy it started from (the KL's reference)
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """What the optimiser updates (the policy, and a value head where the algorithm has one)."""
+
+    def prepare(self, batch: Any) -> Any:
+        """Score a `reproductions.rl.Rollout` (or `Preferences`, for DPO) once, at sampling time: old and
+        reference log-probabilities, advantages."""
+
+    def loss(self, prepared: Any) -> Tensor:
+        """The algorithm's loss on a prepared batch, differentiable in `parameters()`."""
+
+    def reference_grads(self) -> dict[str, Tensor]:
+        """The policy's current gradients in the reference's (transformers') names and layouts."""
+
+
+class RLLoss(_Model, Protocol):
+    capability: ClassVar[Capability] = Capability.RL_LOSS
+    algorithm: str  # "grpo", "rloo", "dpo" or "ppo"
+
+    def new_policy(self, vocab_size: int, seq_len: int, seed: int) -> Any:
+        """A fresh, seeded char GPT (`reproductions.charlm.CharLM`); a scratch/TRL pair gets the same one."""
+
+    def pretrain(self, lm: Any, data: Tensor, recipe: Any) -> list[float]:
+        """Next-token training of `lm` on rows (N, T) of symbols with a `harness.api.Recipe`; step losses."""
+
+    def rl_session(self, policy: Any, config: Any, group_size: int) -> RLSession:
+        """RL fine-tuning of a copy of `policy` (also the reference) with an algorithm config of
+        `reproductions.rl` (GRPOConfig, RLOOConfig, DPOConfig or PPOConfig)."""
+
+
 PROTOCOLS: dict[Capability, type] = {
     p.capability: p for p in (Scorer, Logits, Encoder, Generator, Classifier, Trainable, CausalLM, Seq2Seq,
-                              Tokenize, Ladder, Fitter)
+                              Tokenize, Ladder, Fitter, RLLoss)
 }

@@ -80,7 +80,68 @@ class Registry(Generic[T]):
         return iter(self._entries[n] for n in self.names())
 
 
-MODELS: Registry = Registry("model")  # name -> harness.api.adapter.ModelSpec
+class ModelRegistry(Registry):
+    """The model registry, which also resolves a model that is not registered by name: a user's file or
+    module (`--model PATH.py:NAME` / `--model package.module:NAME`, docs/bring-your-own.md) or a factory an
+    installed package declares under the entry-point group `lm_repro_harness.models` (`name = "pkg.mod:NAME"`).
+    The resolvers are plugins (`harness.models.user` adds one), so the core imports no adapter."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self._resolvers: list[Callable[[str, str | None], object | None]] = []
+        self._resolved: dict[tuple[str, str | None], object] = {}
+        self.factories: dict[str, str] = {}  # entry-point name -> "pkg.mod:NAME", a NAME(hf_config) factory
+        self._last: dict[str, object] = {}  # name -> the spec resolved last for it
+
+    def add_resolver(self, resolver: Callable[[str, str | None], object | None]) -> None:
+        """`resolver(name, reference)` returns a ModelSpec for a name it understands, None otherwise, or
+        raises a one-line HarnessError (missing --reference, no such file, NAME not callable, ...)."""
+        self._resolvers.append(resolver)
+
+    def add_factory(self, name: str, target: str) -> None:
+        if name in self._entries or name in self.factories:
+            raise ValueError(f"{self.kind} '{name}' is registered twice")
+        self.factories[name] = target
+
+    def resolve(self, name: str, reference: str | None = None):
+        """The ModelSpec for `--model name [--reference reference]`.
+
+        A registered name returns its spec; `reference` may only repeat the model's own reference (e.g.
+        `gpt2-scratch --reference gpt2-hf`), anything else is refused. Any other name (`PATH.py:NAME`,
+        `package.module:NAME`, an entry-point factory) goes to the resolvers; the spec they return is cached
+        per (name, reference), so the file is imported once per process. Unknown: the usual one-line error."""
+        load_plugins()
+        if name in self._entries:
+            spec = self._entries[name].obj
+            own = spec.info.reference
+            if reference is not None and reference != own:
+                raise HarnessError(f"--reference {reference}: model '{name}' is registered with reference "
+                                   f"{own or 'none (it is a reference itself)'}; drop --reference")
+            return spec
+        key = (name, reference)
+        if key not in self._resolved:
+            for resolver in self._resolvers:
+                spec = resolver(name, reference)
+                if spec is not None:
+                    self._resolved[key] = spec
+                    break
+            else:
+                raise UnknownNameError(f"unknown {self.kind} '{name}'; known {self.kind}s: {', '.join(self.names())}"
+                                       " (or your own: --model PATH.py:NAME --reference REF)")
+        self._last[name] = self._resolved[key]
+        return self._resolved[key]
+
+    def entry(self, name: str) -> Entry:
+        """A registered model, or the spec `resolve` returned last for this name (so a command that has
+        resolved `PATH.py:NAME` once can look it up by name like any other model)."""
+        load_plugins()
+        if name not in self._entries and name in self._last:
+            spec = self._last[name]
+            return Entry(name, f"your model, held to {spec.info.reference}", spec)
+        return super().entry(name)
+
+
+MODELS: ModelRegistry = ModelRegistry("model")  # name -> harness.api.adapter.ModelSpec
 TASKS: Registry = Registry("task")  # name -> a harness.api.task.Task subclass
 # Rows written by a command rather than by a task (e.g. `harness train`) get their report section here:
 # name -> (history DataFrame, figure dir, report dir) -> markdown.
@@ -137,6 +198,10 @@ def _load_entry_point(ep: metadata.EntryPoint) -> None:
     if ep.value.split(":")[0] in BUILTIN_PLUGINS:
         return
     try:
-        ep.load()
+        loaded = ep.load()
+        if ep.group == "lm_repro_harness.models" and ep.attr:  # `name = "pkg.mod:NAME"`: a user factory
+            MODELS.add_factory(ep.name, ep.value)
+            if not callable(loaded):
+                raise TypeError(f"{ep.value} is not callable; it must be NAME(hf_config) -> torch.nn.Module")
     except Exception as e:  # a broken third-party plugin must not take the harness down with a traceback
         raise HarnessError(f"plugin '{ep.name}' ({ep.value}, group {ep.group}) failed to load: {e}") from e

@@ -56,6 +56,7 @@ class ResultRow:
     wall_seconds: float
     extra: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    model_sha256: str | None = None  # SHA-256 of a user's model file (`--model PATH.py:NAME`); None otherwise
 
 
 def new_run_id() -> str:
@@ -103,7 +104,7 @@ def _git_state() -> tuple[str, bool]:
 
 def make_row(
     metric: Metric, *, model: str, weights: Any, task: str, task_version: str, config: dict[str, Any], seed: int,
-    run_id: str, device: str, wall_seconds: float,
+    run_id: str, device: str, wall_seconds: float, model_sha256: str | None = None,
 ) -> ResultRow:
     """One stored row: the metric, what produced it (`weights` is a `harness.api.Weights`) and provenance."""
     prov = provenance()
@@ -113,5 +114,5 @@ def make_row(
         higher_is_better=metric.higher_is_better, config=config, seed=seed, run_id=run_id, created_at=now_iso(),
         git_sha=prov["git_sha"], git_dirty=prov["git_dirty"], harness_version=prov["harness_version"],
         torch_version=prov["torch_version"], transformers_version=prov["transformers_version"], device=device,
-        wall_seconds=round(wall_seconds, 3), extra=metric.extra,
+        wall_seconds=round(wall_seconds, 3), extra=metric.extra, model_sha256=model_sha256,
     )

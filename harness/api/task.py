@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from harness.api.adapter import ModelAdapter
 from harness.api.capabilities import Capability
@@ -17,7 +17,9 @@ from harness.api.config import coerce_config
 from harness.api.errors import HarnessError
 from harness.api.registry import TASKS
 from harness.api.rows import Metric
+from harness.api.store import DEFAULT_RESULTS_DIR
 
+T = TypeVar("T")
 
 @dataclass(frozen=True)
 class MetricSpec:
@@ -29,6 +31,9 @@ class MetricSpec:
     gate_atol: float = 0.0  # regression allowed against the baseline before the gate fails
     gate_rtol: float = 0.0
     threshold: float | None = None  # for diff-like metrics (parity): value must be <= threshold
+    # How the report prints and judges it: count, flag, rate, perplexity, diff, loss or timing; None: read off
+    # the metric's name (harness/report.py, `metric_kind`). Timings are judged apart, within a factor of 2.
+    kind: str | None = None
 
 
 @dataclass
@@ -40,7 +45,26 @@ class RunContext:
     device: str
     reference: Callable[[ModelAdapter], ModelAdapter | None]  # the same-weights reference, or None
     track: Callable[..., Iterable]  # track(iterable, total=..., description=...) -> iterable
-    results_dir: str = "results"
+    results_dir: str = DEFAULT_RESULTS_DIR
+    # `harness run --resume`: is every row of this subtask already written? / the runner's note that it is
+    completed: Callable[[str], bool] = lambda subtask: False
+    on_done: Callable[[str], None] = lambda subtask: None
+
+    def subtasks(self, items: Iterable[T], key: Callable[[T], str] = str) -> Iterator[T]:
+        """A task's subtask loop that `harness run --resume` can continue: yields each item whose
+        subtask (`key(item)`, the rows' `subtask`) a resumed run has not finished, and records it as
+        finished when the loop body is done with it (every row it yielded written), so a killed run
+        redoes only the subtask it was in. Subtasks must not depend on each other's state.
+
+            for name in ctx.subtasks(self.config.subtasks):
+                yield from self.run_subtask(model, name, ctx)
+        """
+        for item in items:
+            name = key(item)
+            if self.completed(name):
+                continue
+            yield item
+            self.on_done(name)  # reached when the loop asks for the next item: the body finished
 
 
 class Task:
@@ -50,6 +74,11 @@ class Task:
     config_class: ClassVar[type]
     needs: ClassVar[frozenset[Capability]] = frozenset()  # checked by `check`, before any work
     metrics: ClassVar[dict[str, MetricSpec]] = {}
+    # The one metric the report's scorecard shows for this task (None: the report's choice, see harness/report.py)
+    headline: ClassVar[str | None] = None
+    # True when the unit of a scratch model also measures its reference and hands the reference's rows to
+    # the reference's own unit (throughput): `harness run --resume` then redoes the two units together.
+    measures_reference: ClassVar[bool] = False
 
     def __init__(self, config: Any) -> None:
         self.config = config

@@ -63,6 +63,8 @@ def load_weights(arch: ArchSpec, spec: str | None, seed: int) -> Weights:
         return _pretrained_weights(arch, str(arch.aliases[spec]()), identity=spec)
     local = Path(spec).expanduser()  # `~/ckpt` quoted past the shell, too
     if local.is_dir():
+        if hasattr(arch.hf_model_class, "config_class"):  # a transformers model (not e.g. a tokenizer's own files)
+            check_checkpoint_dir(local, spec)
         return _pretrained_weights(arch, str(local), identity=spec)
     known = ", ".join(["random[:SIZE]", *arch.aliases])
     if _looks_like_path(spec):
@@ -74,6 +76,51 @@ def load_weights(arch: ArchSpec, spec: str | None, seed: int) -> Weights:
             f"weights '{spec}' for {arch.name}: not a checkpoint directory, hub id (owner/name) or alias ({known})"
         )
     return _pretrained_weights(arch, spec, identity=spec)
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def check_checkpoint_dir(where: Path, spec: str) -> None:
+    """Refuse, in one line and before transformers reads it, a local checkpoint directory without a
+    parseable config.json, without a weights file, or with a truncated or corrupt .safetensors file."""
+    fix = "pass an HF-format checkpoint directory (config.json + model.safetensors), e.g. one `harness train` wrote"
+    config = where / "config.json"
+    if not config.is_file():
+        raise HarnessError(f"weights '{spec}': no config.json in the directory; {fix}")
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise HarnessError(f"weights '{spec}': config.json is not valid JSON ({first_line(e)}); {fix}") from e
+    if not any((where / name).is_file() for name in WEIGHT_FILES):
+        raise HarnessError(f"weights '{spec}': no weights file ({', '.join(WEIGHT_FILES)}) in the directory; {fix}")
+    for file in sorted(where.glob("*.safetensors")):
+        problem = _safetensors_problem(file)
+        if problem:
+            raise HarnessError(f"weights '{spec}': {file.name} is {problem}; copy or write the checkpoint again")
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """What is wrong with a .safetensors file's framing, None if nothing: 8 bytes of header length, a
+    JSON header, then every tensor's bytes (github.com/huggingface/safetensors, "Format")."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"truncated ({size} bytes, no header)"
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            return f"truncated or not a safetensors file (a header of {n} bytes in a file of {size})"
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return "corrupt (its header is not JSON)"
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)
+            and "data_offsets" in t]
+    if ends and 8 + n + max(ends) > size:
+        return f"truncated ({size} bytes, its header needs {8 + n + max(ends)})"
+    return None
 
 
 def _looks_like_path(spec: str) -> bool:

@@ -15,6 +15,9 @@ log rows, checkpoint -> final rows. Choices, stated once:
   embedding tables, `wte` being tied to the output head); biases and LayerNorm parameters are not
   decayed.
 * Schedule. Linear warmup to `lr` over `warmup_steps`, then cosine decay to `min_lr` at `steps`.
+* Ranks. Under `torchrun --nproc_per_node=N -m harness train` each rank takes batch_size / N rows
+  of every batch the generator draws, DDP averages the gradients, rank 0 alone logs, writes rows,
+  checkpoints and TensorBoard events: the same run as one process, up to float reduction order.
 * Checkpoints (HF format, loadable with `GPT2LMHeadModel.from_pretrained(out)`) are written at every
   evaluation, at the end and on Ctrl-C. A non-finite loss stops training with an error and writes
   nothing, so the last good checkpoint is kept.
@@ -26,6 +29,7 @@ The modules, one job each (this package imports nothing of them, so the report p
   model.py       the initial weights (random init, `--weights`, resume), dropout, the adapter to train
   checkpoint.py  HF-format checkpoints and train_state.pt
   loop.py        the optimizer, schedule and loss, and the Trainer that runs, logs rows and saves
+  distributed.py torchrun: the world (rank, size), each rank's share of a batch, DDP, one voice for errors
   command.py     the `harness train` command line
   report.py      the report section for `train` rows (a registry plugin)
 """

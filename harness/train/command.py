@@ -1,6 +1,7 @@
 """The `harness train` command line: its flags (one per `TrainConfig` field, plus `--set`), the run
 they describe (a new one, or the one checkpointed in `--out` with `--resume`), and `cmd_train`.
 The training itself is `harness.train.loop.train`; the package docstring states its choices.
+torch and the loop are imported only when the command runs, so `harness list` and `--help` stay fast.
 """
 
 from __future__ import annotations
@@ -9,12 +10,21 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-import torch
-
 from harness.api import HarnessError
-from harness.train.checkpoint import read_state
-from harness.train.config import TrainConfig, TrainRun, make_train_config, show, split_overrides
-from harness.train.loop import train
+from harness.api.store import DEFAULT_RESULTS_DIR
+from harness.train.config import (
+    SCALED_DEFAULTS,
+    TrainConfig,
+    TrainRun,
+    make_train_config,
+    show,
+    sized_to_steps,
+    split_overrides,
+)
+
+EPILOG = """batch sizes are global: under `torchrun --nproc_per_node=N -m harness train ...` each of the N ranks
+takes batch_size / N sequences of every micro-batch, so 1 or N ranks train on the same sequences
+(docs/scale-out.md). Rank 0 alone logs, writes rows, checkpoints and TensorBoard events."""
 
 
 def add_parser(sub) -> None:
@@ -22,6 +32,7 @@ def add_parser(sub) -> None:
         "train",
         help="train gpt2-scratch or gpt2-hf; HF-format checkpoints and result rows",
         description="Train a causal LM from a random init (--size) or from --weights.",
+        epilog=EPILOG,
     )
     p.add_argument("--model", help="gpt2-scratch or gpt2-hf (any model that can 'train')")
     p.add_argument("--size", help="named size for a random init (default: the architecture's, gpt2: tiny)")
@@ -29,8 +40,15 @@ def add_parser(sub) -> None:
     p.add_argument("--data", help="tinyshakespeare | wikitext2 | PATH to a UTF-8 text file")
     p.add_argument("--out", required=True, help="checkpoint directory (config.json, model.safetensors, train_state.pt)")
     p.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
-    p.add_argument("--results-dir", default=None, help="where result rows are appended (default results/)")
+    p.add_argument("--results-dir", default=None,
+                   help=f"where result rows are appended (default {DEFAULT_RESULTS_DIR}/, which git ignores)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--tensorboard",
+        metavar="DIR",
+        default=None,
+        help="also write TensorBoard event files here: loss, lr, tokens/s, val loss (pip install tensorboard)",
+    )
     p.add_argument(
         "--set",
         dest="overrides",
@@ -46,16 +64,23 @@ def add_parser(sub) -> None:
             dest=f"train_{f.name}",
             default=None,
             metavar=f.name.upper(),
-            help=f"{f.metadata['help']} (default {show(f.default)})",
+            help=f"{f.metadata['help']} (default {SCALED_DEFAULTS.get(f.name, show(f.default))})",
         )
     p.set_defaults(func=cmd_train)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from harness.train.checkpoint import read_state
+    from harness.train.distributed import rank0_speaks
+    from harness.train.loop import train
+
     if args.threads:
         torch.set_num_threads(args.threads)
-    saved = read_state(Path(args.out)) if args.resume else None
-    run, cfg = run_from_args(args, saved)
+    with rank0_speaks():  # under torchrun: one line from rank 0, not one per rank
+        saved = read_state(Path(args.out)) if args.resume else None
+        run, cfg = run_from_args(args, saved)
     train(run, cfg, resume=args.resume)
     return 0
 
@@ -70,6 +95,8 @@ def run_from_args(args: argparse.Namespace, saved: dict | None) -> tuple[TrainRu
             train_kv[f.name] = value
     base = TrainConfig(**_tuples(saved["config"])) if saved else TrainConfig()
     cfg = make_train_config(base, train_kv)
+    if not saved:  # a resumed run keeps its own (already sized) values
+        cfg = sized_to_steps(cfg, given=set(train_kv))
     if saved:
         return _resumed_run(args, saved, model_kv), cfg
     if not args.model or not args.data:
@@ -81,7 +108,8 @@ def run_from_args(args: argparse.Namespace, saved: dict | None) -> tuple[TrainRu
         size=args.size,
         weights=args.weights,
         model_overrides=tuple(sorted(model_kv.items())),
-        results_dir=args.results_dir or "results",
+        results_dir=args.results_dir or DEFAULT_RESULTS_DIR,
+        tensorboard=args.tensorboard,
     )
     return run, cfg
 
@@ -99,4 +127,5 @@ def _resumed_run(args: argparse.Namespace, saved: dict, model_kv: dict[str, str]
             raise HarnessError(f"--resume: --{name} {given} differs from the checkpoint's ({saved_value})")
     if model_kv:
         raise HarnessError("--resume: the model's shape is fixed by the checkpoint; drop --set model.*")
-    return dataclasses.replace(run, out=args.out, results_dir=args.results_dir or run.results_dir)
+    results_dir, tensorboard = args.results_dir or run.results_dir, args.tensorboard or run.tensorboard
+    return dataclasses.replace(run, out=args.out, results_dir=results_dir, tensorboard=tensorboard)

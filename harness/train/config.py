@@ -5,11 +5,12 @@ overrides, coerced by the API's one config parser.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from harness.api import HarnessError, coerce_config, parse_overrides
+from harness.api.store import DEFAULT_RESULTS_DIR
 
 TASK = "train"
 TASK_VERSION = "1.0"
@@ -26,7 +27,7 @@ class TrainConfig:
     """Every hyperparameter of a run; each is a flag (`--batch-size 8`) and a `--set train.KEY=VALUE`."""
 
     steps: int = _f(1000, "optimizer steps; the cosine schedule ends here")
-    batch_size: int = _f(8, "sequences per micro-batch")
+    batch_size: int = _f(8, "sequences per micro-batch, over all ranks under torchrun (each takes its share)")
     block_size: int = _f(256, "tokens per sequence (<= the model's context)")
     grad_accum: int = _f(1, "micro-batches per optimizer step")
     lr: float = _f(1e-3, "peak learning rate")
@@ -37,7 +38,7 @@ class TrainConfig:
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: off)")
     dropout: float = _f(0.0, "dropout rate (embeddings, attention, residuals)")
     eval_interval: int = _f(100, "evaluate and checkpoint every N steps")
-    eval_batches: int = _f(20, "validation micro-batches per evaluation")
+    eval_batches: int = _f(20, "validation batches per evaluation")
     log_interval: int = _f(10, "write a train_loss row (mean of the last N steps) every N steps")
     seed: int = _f(0, "initialisation, batch order and dropout")
     device: str = _f("cpu", "cpu or cuda")
@@ -65,7 +66,8 @@ class TrainRun:
     size: str | None = None  # named size for a random init (default: the architecture's)
     weights: str | None = None  # start from these weights instead (any `--weights` form)
     model_overrides: tuple[tuple[str, str], ...] = ()  # (GPT2Config field, raw value), random init only
-    results_dir: str = "results"
+    results_dir: str = DEFAULT_RESULTS_DIR  # git-ignored runs/results (harness/api/store.py)
+    tensorboard: str | None = None  # a directory for TensorBoard event files (rank 0 writes them)
 
 
 @dataclass
@@ -74,6 +76,21 @@ class TrainResult:
     val_losses: dict[int, float]  # step -> validation loss
     tokens_per_second: float
     out: Path
+
+
+# Defaults that suit a long run only, and what they become when not given (`sized_to_steps`).
+SCALED_DEFAULTS = {"warmup_steps": "min(100, steps // 10)", "eval_batches": "min(20, max(1, steps // 10))"}
+
+
+def sized_to_steps(cfg: TrainConfig, given: set[str]) -> TrainConfig:
+    """cfg with the defaults that only suit a long run scaled to `cfg.steps`, unless `given` names them:
+    warmup_steps = min(100, steps // 10), so `--steps 100` is not all warmup, and eval_batches =
+    min(20, max(1, steps // 10)), so a 10-step smoke run does not spend most of its time evaluating."""
+    scaled = {
+        "warmup_steps": min(TrainConfig.warmup_steps, cfg.steps // 10),
+        "eval_batches": min(TrainConfig.eval_batches, max(1, cfg.steps // 10)),
+    }
+    return replace(cfg, **{k: v for k, v in scaled.items() if k not in given})
 
 
 def make_train_config(base: TrainConfig, overrides: dict[str, str]) -> TrainConfig:

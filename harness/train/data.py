@@ -1,11 +1,18 @@
 """The training data as token ids: a named corpus (`tinyshakespeare`, `wikitext2`, read through
 `harness.api.data`) or a UTF-8 file, split into train and validation as the package docstring states,
 and the seeded random windows a batch is made of.
+
+Tokenising a corpus takes seconds (Tiny Shakespeare: ~1 s, WikiText-2's two splits: more), so the ids
+are cached on disk under `harness.api.weights.cache_root()/tokens/`, keyed by the SHA-256 of the
+tokenizer's serialisation and of the exact text: a changed file or tokenizer is tokenised afresh.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -13,6 +20,7 @@ import torch
 from harness.api import HarnessError
 from harness.api.data import TINY_SHAKESPEARE, detokenize, load_wikitext_documents
 from harness.api.tokenizer import TextTokenizer
+from harness.api.weights import cache_root
 
 TRAIN_FRACTION = 0.9  # of a single text's tokens; the rest validates
 _ENCODED: dict[tuple[str, str], list[int]] = {}  # (what, tokenizer name) -> ids: tests reuse them
@@ -41,9 +49,10 @@ def _encode_file(path: str, tokenizer: TextTokenizer) -> list[int]:
     key = (str(Path(path).resolve()), tokenizer.name)
     if key not in _ENCODED:
         try:
-            _ENCODED[key] = tokenizer.encode(Path(path).read_text(encoding="utf-8"))
+            text = Path(path).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise HarnessError(f"--data {path}: cannot read it as UTF-8 text ({e})") from e
+        _ENCODED[key] = cached_ids(text, tokenizer, lambda: tokenizer.encode(text))
     return _ENCODED[key]
 
 
@@ -51,11 +60,45 @@ def _wikitext2(tokenizer: TextTokenizer) -> TokenData:
     def ids(split: str) -> torch.Tensor:
         key = (f"wikitext2:{split}", tokenizer.name)
         if key not in _ENCODED:
-            docs = tokenizer.encode_batch([detokenize(d) for d in load_wikitext_documents(split)])
-            _ENCODED[key] = [t for doc in docs for t in (*doc, tokenizer.eot_id)]
+            docs = [detokenize(d) for d in load_wikitext_documents(split)]
+
+            def encode() -> list[int]:
+                return [t for doc in tokenizer.encode_batch(docs) for t in (*doc, tokenizer.eot_id)]
+
+            _ENCODED[key] = cached_ids("\x00<|doc|>".join(docs) + "\x00<|eot|>", tokenizer, encode)
         return torch.tensor(_ENCODED[key], dtype=torch.long)
 
     return TokenData(ids("valid"), ids("test"), "wikitext2 (raw valid trains, raw test validates)")
+
+
+def cached_ids(text: str, tokenizer: TextTokenizer, encode) -> list[int]:
+    """encode()'s ids for `text`, read from the on-disk cache when this tokenizer has seen this text.
+    The file is written under a temporary name and renamed, so concurrent ranks never read half a file."""
+    digest = hashlib.sha256(f"{_tokenizer_sha256(tokenizer)}\n".encode() + text.encode("utf-8")).hexdigest()
+    path = cache_root() / "tokens" / f"{digest[:32]}.pt"
+    if path.is_file():
+        try:
+            return torch.load(path, weights_only=True).tolist()
+        except Exception:  # a damaged cache entry is recomputed, never trusted
+            pass
+    ids = encode()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        torch.save(torch.tensor(ids, dtype=torch.int32), tmp)
+        os.replace(tmp, path)
+    except OSError:  # a read-only cache costs time, not correctness
+        pass
+    return ids
+
+
+@lru_cache(maxsize=8)
+def _tokenizer_fingerprint(serialised: str) -> str:
+    return hashlib.sha256(serialised.encode("utf-8")).hexdigest()
+
+
+def _tokenizer_sha256(tokenizer: TextTokenizer) -> str:
+    return _tokenizer_fingerprint(tokenizer.backend.to_str())
 
 
 def check_data(data: TokenData, block_size: int) -> None:
@@ -68,9 +111,13 @@ def check_data(data: TokenData, block_size: int) -> None:
             )
 
 
-def sample_batch(ids: torch.Tensor, batch_size: int, block_size: int, generator: torch.Generator):
-    """(x, y), each (B, T): random windows of ids and the same windows shifted by one token."""
-    starts = torch.randint(len(ids) - block_size, (batch_size,), generator=generator)
+def sample_batch(
+    ids: torch.Tensor, batch_size: int, block_size: int, generator: torch.Generator, rows: slice = slice(None)
+):
+    """(x, y), each (B, T): random windows of ids and the same windows shifted by one token. `rows`
+    keeps a share of the batch (a rank's, under torchrun): the generator draws all `batch_size` offsets
+    either way, so every rank, and a single process, consumes the same random stream."""
+    starts = torch.randint(len(ids) - block_size, (batch_size,), generator=generator)[rows]
     x = torch.stack([ids[s : s + block_size] for s in starts.tolist()])
     y = torch.stack([ids[s + 1 : s + 1 + block_size] for s in starts.tolist()])
     return x, y

@@ -42,6 +42,29 @@ def decode_call(model: CausalLM, batch: int, prompt_len: int, new_tokens: int, s
     return torch.no_grad()(lambda: model.generate_batch(x, new_tokens))
 
 
+def decode_weights(module: torch.nn.Module) -> list[torch.Tensor]:
+    """The matrices one decode step multiplies a token by: every `nn.Linear` weight (the tied LM head
+    once), plus the token embedding where no Linear maps to the vocabulary (GPT-1's W_e^T head)."""
+    linears = {id(m.weight): m.weight for m in module.modules() if isinstance(m, torch.nn.Linear)}
+    embeddings = [m.weight for m in module.modules() if isinstance(m, torch.nn.Embedding)]
+    if embeddings and not any(w.shape[0] == embeddings[0].shape[0] for w in linears.values()):
+        linears[id(embeddings[0])] = embeddings[0]
+    return list(linears.values())
+
+
+def weights_read_call(model: CausalLM) -> Callable[[], None]:
+    """One matrix-vector product with each decode weight: reads every weight byte of a decode step
+    once, with the same kernel class (one row of input), nothing else. Its time is the memory roofline
+    of batch-1 decode (bytes of weights per token / measured bandwidth)."""
+    weights = [w.detach() for w in decode_weights(model.module)]
+    xs = [torch.ones(1, w.shape[1], dtype=w.dtype, device=w.device) for w in weights]
+    return torch.no_grad()(lambda: [F.linear(x, w) for x, w in zip(xs, weights)])
+
+
+def weight_bytes(model: CausalLM) -> int:
+    return sum(w.numel() * w.element_size() for w in decode_weights(model.module))
+
+
 def train_call(model: CausalLM, batch: int, length: int, seed: int) -> Callable[[], None]:
     """One AdamW training step per call, on a private copy of the module."""
     module = copy.deepcopy(model.module).train()

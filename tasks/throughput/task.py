@@ -39,7 +39,7 @@ import pandas as pd
 import torch
 
 from harness.api import TASKS, Capability, CausalLM, HarnessError, Metric, MetricSpec, ModelAdapter, RunContext, Task
-from tasks.throughput.calls import Measurement, plan
+from tasks.throughput.calls import Measurement, plan, weight_bytes, weights_read_call
 from tasks.throughput.config import NAME, TOKENS_PER_S, ThroughputConfig
 from tasks.throughput.flops import bf16_supported, matmul_call, matmul_flops
 from tasks.throughput.lm_eval_ppl import has_lm_eval, ppl_vs_lm_eval
@@ -47,6 +47,7 @@ from tasks.throughput.report import throughput_section
 from tasks.throughput.timing import Samples, Timer, machine, summary
 
 MATMUL = "matmul fp32"  # the peak benchmark's name among the timed calls
+WEIGHTS_READ = "weights read"  # batch-1 decode's roofline call (`calls.weights_read_call`)
 
 SPEED = MetricSpec(higher_is_better=True, pair_rtol=math.inf, gate_rtol=math.inf)  # machine-bound: never gated
 RATIO = MetricSpec(higher_is_better=True, pair_rtol=math.inf, gate_rtol=0.25)
@@ -60,9 +61,12 @@ class Throughput(Task):
                    "and its reference on identical weights, measured interleaved; ratios scratch / reference")
     config_class = ThroughputConfig
     needs = frozenset({Capability.CAUSAL_LM})
+    measures_reference = True  # the reference's rows are measured in the scratch model's unit (--resume redoes both)
     metrics = {
         **{m: SPEED for m in TOKENS_PER_S}, **{f"{m}_ratio": RATIO for m in TOKENS_PER_S},
-        "mfu": SPEED, "matmul_peak_flops": SPEED, "peak_memory_mb": MEMORY, "peak_memory_mb_ratio": MEMORY,
+        "mfu": SPEED, "matmul_peak_flops": SPEED, "decode_roofline": SPEED,
+        "decode_roofline_fraction": SPEED, "memory_bandwidth_bytes_per_s": SPEED,
+        "peak_memory_mb": MEMORY, "peak_memory_mb_ratio": MEMORY,
     }
 
     def __init__(self, config: ThroughputConfig) -> None:
@@ -103,8 +107,10 @@ class Throughput(Task):
             peak = [2 * self.config.matmul_size**3 / s for s in samples[MATMUL].seconds]
             peak_samples += peak
             yield from self.rows(m, model, samples, peak, reference)
+            yield from self.roofline_rows(m, model, samples)
             if reference is not None:
                 shared += self.rows(m, reference, samples, peak, None, beside=model.name)
+                shared += self.roofline_rows(m, reference, samples, beside=model.name)
         if reference is not None and self.config.lm_eval:  # a scratch model: ppl against lm-eval's HF backend
             ours, theirs = ppl_vs_lm_eval(self, model, reference, ctx.seed)
             yield from ours
@@ -130,6 +136,8 @@ class Throughput(Task):
         cfg, device = self.config, contestants[0].device
         builds = {c.name: partial(m.build, c.require(CausalLM, task=self.name)) for c in contestants}
         builds[MATMUL] = partial(matmul_call, torch.float32, cfg.matmul_size, device)
+        if _batch_one_decode(m):
+            builds[WEIGHTS_READ] = partial(weights_read_call, contestants[0])
         return self.timer(device).interleaved(builds)
 
     def timer(self, device: torch.device) -> Timer:
@@ -155,6 +163,31 @@ class Throughput(Task):
         if flops is not None:
             out.append(self.mfu_row(m, flops, ours, peak, extra))
         return out + self.memory_rows(m, ours, samples[reference.name] if reference else None, reference, beside)
+
+    def roofline_rows(self, m: Measurement, model: ModelAdapter, samples: dict[str, Samples],
+                      beside: str | None = None) -> list[Metric]:
+        """Batch-1 decode against its memory roofline: one token must read every decode weight once
+        (`weight_bytes`), so tokens/s <= bandwidth / bytes, with the bandwidth measured by the
+        matrix-vector products of `weights_read_call` timed beside the decode calls."""
+        if WEIGHTS_READ not in samples:
+            return []
+        nbytes = weight_bytes(model.require(CausalLM, task=self.name))
+        read = samples[WEIGHTS_READ].seconds
+        roofline = summary([1 / s for s in read])
+        decode = summary([m.extra["new_tokens"] / s for s in samples[model.name].seconds])
+        fraction = summary([r / s * m.extra["new_tokens"] for s, r in zip(samples[model.name].seconds, read)])
+        extra = {"weight_bytes_per_token": nbytes, "measured_beside": beside, **machine()}
+        return [
+            self.metric("memory_bandwidth_bytes_per_s", nbytes * roofline["median"], subtask=m.subtask,
+                        n=len(read), extra={**extra, "unit": "bytes/s", "measured_by": "one matrix-vector "
+                                            "product per decode weight (same kernel class as a decode step)"}),
+            self.metric("decode_roofline", roofline["median"], subtask=m.subtask, n=len(read),
+                        extra={**extra, "unit": "tokens/s", "samples_s": read}),
+            self.metric("decode_roofline_fraction", fraction["median"], subtask=m.subtask, n=len(read),
+                        extra={**extra, "decode_tokens_per_s": decode["median"],
+                               **{k: fraction[k] for k in ("q1", "q3", "min", "max")},
+                               "unit": "decode tokens/s / roofline tokens/s (the prompt's prefill included)"}),
+        ]
 
     def mfu_row(self, m: Measurement, flops: float, ours: Samples, peak: list[float], extra: dict) -> Metric:
         """Median model FLOP/s over the best fp32 matmul timed between the models' samples: being
@@ -187,6 +220,10 @@ class Throughput(Task):
     @staticmethod
     def report_section(history: pd.DataFrame, fig_dir: Path, report_dir: Path) -> str:
         return throughput_section(history, Path(fig_dir), Path(report_dir))
+
+
+def _batch_one_decode(m: Measurement) -> bool:
+    return m.kind == "decode" and m.extra["batch_size"] == 1
 
 
 TASKS.add(Throughput.name, Throughput.description, Throughput)

@@ -156,3 +156,114 @@ def test_a_run_where_every_task_fails_writes_no_file(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "gpt2-scratch / ppl: ppl.max_length=100000 exceeds gpt2-scratch's maximum" in err and "Traceback" not in err
     assert list(tmp_path.rglob("*.jsonl")) == []
+
+
+# --- the sweep (issue 14): every --set key's range, local checkpoints, output paths, results files ---
+
+SET_RANGE_CASES = {
+    "glue-batch-size-zero": (["--tasks", "glue", "--set", "glue.batch_size=0"], ["glue.batch_size=0", "at least 1"]),
+    "glue-lr-negative": (["--tasks", "glue", "--set", "glue.lr=-1"], ["glue.lr=-1", "> 0"]),
+    "glue-lr-nan": (["--tasks", "glue", "--set", "glue.lr=nan"], ["glue.lr=nan", "finite"]),
+    "glue-epochs-zero": (["--tasks", "glue", "--set", "glue.epochs=0"], ["glue.epochs=0", "at least 1"]),
+    "glue-weight-decay-negative": (["--tasks", "glue", "--set", "glue.weight_decay=-1"], ["glue.weight_decay", ">= 0"]),
+    "seq2seq-steps-zero": (["--tasks", "seq2seq", "--set", "seq2seq.steps=0"], ["seq2seq.steps=0", "at least 1"]),
+    "ngram-rules-samples-negative": (["--tasks", "ngram-rules", "--set", "ngram-rules.samples=-1"],
+                                     ["ngram-rules.samples=-1", "at least 1"]),
+    "parity-seq-len-zero": (["--tasks", "parity", "--set", "parity.seq_len=0"], ["parity.seq_len=0", "at least 1"]),
+    "throughput-batch-sizes-zero": (["--tasks", "throughput", "--set", "throughput.batch_sizes=1,0"],
+                                    ["throughput.batch_sizes=1,0", "positive integers"]),
+    "char-ppl-val-fraction": (["--tasks", "char-ppl", "--set", "char-ppl.val_fraction=1.5"],
+                              ["char-ppl.val_fraction=1.5", "between 0 and 1"]),
+    "set-wrong-type": (["--set", "ppl.batch_size=four"], ["ppl.batch_size='four'", "expected int"]),
+    "set-no-equals": (["--set", "ppl.stride"], ["--set 'ppl.stride'", "TASK.KEY=VALUE"]),
+    "model-twice": (["--model", "gpt2-scratch,gpt2-scratch"], ["'gpt2-scratch' is given 2 times"]),
+    "unknown-model": (["--model", "gpt5-scratch"], ["unknown model 'gpt5-scratch'"]),
+    "unknown-task": (["--tasks", "ppx"], ["unknown task 'ppx'"]),
+}
+
+
+@pytest.mark.parametrize("extra, words", list(SET_RANGE_CASES.values()), ids=list(SET_RANGE_CASES))
+def test_bad_set_values_are_refused_before_weights_load(extra, words, files, capsys, monkeypatch):
+    _no_loading(monkeypatch)
+    argv = [*RUN, "--results-dir", str(files / "results")]
+    for flag in ("--tasks", "--model"):  # these replace RUN's value instead of repeating the flag
+        if flag in extra:
+            i = extra.index(flag)
+            argv[argv.index(flag) + 1] = extra[i + 1]
+            extra = extra[:i] + extra[i + 2:]
+    _one_line_exit_2(capsys, [*argv, *extra], words)
+    assert not (files / "results").exists()
+
+
+@pytest.fixture
+def checkpoints(tmp_path):
+    """Broken copies of the shipped default GPT-2 checkpoint (config.json + model.safetensors)."""
+    source = Path(__file__).resolve().parents[2] / "harness" / "assets" / "gpt2-default"
+    made = {}
+    for name in ("truncated", "garbage", "no-config", "bad-config", "no-weights"):
+        d = tmp_path / name
+        d.mkdir()
+        for f in ("config.json", "model.safetensors"):
+            (d / f).write_bytes((source / f).read_bytes())
+        made[name] = d
+    data = (made["truncated"] / "model.safetensors").read_bytes()
+    (made["truncated"] / "model.safetensors").write_bytes(data[: len(data) // 2])
+    (made["garbage"] / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    (made["no-config"] / "config.json").unlink()
+    (made["bad-config"] / "config.json").write_text("{not json")
+    (made["no-weights"] / "model.safetensors").unlink()
+    return made
+
+
+CHECKPOINT_CASES = {
+    "truncated": ["model.safetensors is truncated", "write the checkpoint again"],
+    "garbage": ["model.safetensors is corrupt"],
+    "no-config": ["no config.json in the directory", "HF-format checkpoint directory"],
+    "bad-config": ["config.json is not valid JSON"],
+    "no-weights": ["no weights file (model.safetensors"],
+}
+
+
+@pytest.mark.parametrize("case", list(CHECKPOINT_CASES), ids=list(CHECKPOINT_CASES))
+def test_a_broken_checkpoint_is_one_line(case, checkpoints, tmp_path, capsys, monkeypatch):
+    def no_transformers(*args, **kwargs):
+        raise AssertionError("transformers read a checkpoint that was not checked first")
+
+    monkeypatch.setattr("harness.api.weights._pretrained_weights", no_transformers)
+    argv = ["run", "--model", "gpt2-scratch", "--tasks", "ppl", "--weights", str(checkpoints[case]),
+            "--results-dir", str(tmp_path / "results")]
+    _one_line_exit_2(capsys, argv, [f"weights '{checkpoints[case]}'", *CHECKPOINT_CASES[case]])
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_good_checkpoint_passes_the_check(checkpoints):
+    from harness.api.weights import check_checkpoint_dir
+
+    source = Path(__file__).resolve().parents[2] / "harness" / "assets" / "gpt2-default"
+    check_checkpoint_dir(source, "gpt2-default")  # no error
+
+
+OUTPUT_CASES = {
+    "report-out-under-a-file": (["report", "--results-dir", "runs", "--out", "plain-file/report.md"],
+                                ["--out 'plain-file/report.md'", "'plain-file' is a file"]),
+    "report-out-is-a-directory": (["report", "--results-dir", "runs", "--out", "runs"],
+                                  ["--out 'runs' is a directory"]),
+    "report-results-missing": (["report", "--results-dir", "no-such-dir"], ["'no-such-dir' does not exist"]),
+    "report-results-not-json": (["report", "--results-dir", "bad-rows"], ["x.jsonl:1: not a JSON object"]),
+    "gate-baseline-missing": (["gate", "--baseline", "no-such-dir"], ["'no-such-dir' does not exist"]),
+    "gate-baseline-not-json": (["gate", "--baseline", "bad-rows"], ["x.jsonl:1: not a JSON object"]),
+    "gate-junit-under-a-file": (["gate", "--baseline", "runs", "--junit", "plain-file/g.xml"],
+                                ["--junit 'plain-file/g.xml'", "is a file"]),
+    "gate-json-under-a-file": (["gate", "--baseline", "runs", "--json", "plain-file/g.json"],
+                               ["--json 'plain-file/g.json'", "is a file"]),
+    "gate-bad-tol": (["gate", "--baseline", "runs", "--tol", "word_perplexity=xx"], ["--tol 'word_perplexity=xx'"]),
+}
+
+
+@pytest.mark.parametrize("argv, words", list(OUTPUT_CASES.values()), ids=list(OUTPUT_CASES))
+def test_bad_report_and_gate_input_is_one_line_exit_2(argv, words, files, capsys):
+    (files / "bad-rows" / "v1").mkdir(parents=True)
+    (files / "bad-rows" / "v1" / "x.jsonl").write_text('{"model": \n')
+    before = sorted(p.relative_to(files) for p in files.rglob("*"))
+    _one_line_exit_2(capsys, argv, words)
+    assert sorted(p.relative_to(files) for p in files.rglob("*")) == before  # nothing written

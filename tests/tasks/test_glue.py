@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from harness.api import TASKS, HarnessError, UnknownNameError, load_plugins, load_results, make_config
+from harness.api import TASKS, HarnessError, RunContext, UnknownNameError, load_plugins, load_results, make_config
 from harness.runner import RunPlan, run
 from tasks import glue
 from tasks.glue import (
@@ -256,7 +256,7 @@ def test_non_finite_loss_stops_and_names_the_step(tmp_path):
 def test_qnli_is_skipped_with_a_warning_on_local_data(tiny_glue_rows):
     task = Glue(GlueConfig(subtasks=("qnli",)))
     with pytest.warns(UserWarning, match="skipping qnli: its train split is not vendored"):
-        assert list(task.run(None, None)) == []
+        assert list(task.run(None, RunContext(0, None, "cpu", lambda m: None, lambda it, **_: it))) == []
 
 
 @pytest.mark.slow

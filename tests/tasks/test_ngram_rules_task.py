@@ -152,6 +152,30 @@ def test_same_seed_same_numbers_other_seed_other_numbers():
     assert values(first) != values(other)
 
 
+def test_seeds_average_the_runs_of_consecutive_seeds():
+    single = {s: {m.metric: m for m in run_task("mlp-ngram", seed=s, n="3")} for s in (5, 6)}
+    both = {m.metric: m for m in run_task("mlp-ngram", seed=5, n="3", seeds="2")}
+    assert set(both) == METRICS
+    for name, row in both.items():
+        values = [single[s][name].value for s in (5, 6)]
+        assert row.extra["seeds"] == [5, 6] and row.subtask == "n=3" and len(row.extra["per_seed"]) == 2
+        assert row.extra["ci_low"] <= row.value <= row.extra["ci_high"]
+        if name != "train_seconds":  # wall time is measured afresh
+            assert row.extra["per_seed"] == values and row.value == pytest.approx(sum(values) / 2)
+    nll = [single[s]["nll"].value for s in (5, 6)]
+    half_width = both["nll"].extra["ci_high"] - both["nll"].value
+    assert half_width == pytest.approx(12.706 * abs(nll[0] - nll[1]) / 2, rel=1e-3)  # t(0.975, 1 dof)
+    assert both["valid_rate"].n == 2 * single[5]["valid_rate"].n
+    assert both["valid_rate"].extra["rule_seed"] == [single[s]["valid_rate"].extra["rule_seed"] for s in (5, 6)]
+    assert 0 <= both["valid_rate"].extra["ci_low"] and both["valid_rate"].extra["ci_high"] <= 1
+
+
+def test_seeds_below_one_are_refused_before_any_work():
+    with pytest.raises(HarnessError, match="ngram-rules.seeds must be >= 1") as e:
+        NGramRules(make_config(NGramRules, {"seeds": "0"})).validate()
+    assert "\n" not in str(e.value)
+
+
 def test_derived_seeds_are_stable_and_distinct():
     assert derive_seed(0, "train", 2) == derive_seed(0, "train", 2)
     assert len({derive_seed(s, what, n) for s in (0, 1) for what in ("train", "init") for n in (2, 3)}) == 8
@@ -171,6 +195,18 @@ def test_report_section_writes_markdown_and_figures(tiny_results, tmp_path):
     for name in ("by_order", "curves", "bigram", "mlp", "attention"):
         assert (tmp_path / "figures" / f"ngram_rules_{name}.png").stat().st_size > 0
         assert f"](figures/ngram_rules_{name}.png)" in section
+
+
+def test_report_draws_seed_intervals(tmp_path):
+    plan = RunPlan(models=["bigram", "mlp-ngram"], tasks=["ngram-rules"], seed=0, results_dir=str(tmp_path / "r"),
+                   overrides={"ngram-rules": {**TINY, "seeds": "2"}})
+    _, failures = run(plan)
+    assert failures == []
+    rows = load_results(tmp_path / "r")
+    assert set(rows["subtask"]) == {"n=2", "n=3"} and len(rows) == 2 * 2 * len(METRICS)  # one row per seed pair
+    section = TASKS.get("ngram-rules").report_section(rows, tmp_path / "figures", tmp_path)
+    assert "| bigram | 1.000 [1.00, 1.00] |" in section  # exact at N=2 for both seeds: a zero-width interval
+    assert "95% Student-t interval over 2 seeds" in section
 
 
 @pytest.mark.slow

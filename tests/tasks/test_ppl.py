@@ -176,3 +176,35 @@ def test_agrees_with_lm_eval_on_smollm2_with_its_bos_prefix(tmp_path):
     eot, _ = run(RunPlan(**plan, results_dir=str(tmp_path / "eot"), overrides={"ppl": {**ppl, "prefix_token_id": "0"}}))
     old = {r.metric: r.value for r in eot.rows}
     assert not math.isclose(old["word_perplexity"], out["word_perplexity,none"], rel_tol=1e-4)
+
+
+def test_shard_gives_every_document_to_one_rank_balanced_by_tokens():
+    from tasks.ppl import shard
+
+    lengths = [50, 10, 40, 30, 20, 5]
+    parts = shard(lengths, 2)
+    assert sorted(d for p in parts for d in p) == list(range(len(lengths)))
+    assert [sum(lengths[d] for d in p) for p in parts] == [80, 75]
+    assert shard(lengths, 1) == [list(range(6))] and shard([3], 2) == [[0], []]
+
+
+def test_torchrun_two_ranks_give_the_metrics_of_one_process(tmp_path):
+    """`torchrun --nproc_per_node=2 -m harness run --tasks ppl`: documents sharded, sums all-reduced,
+    rank 0 alone writes rows, and they equal one process's (<= 1e-5 relative)."""
+    import subprocess
+    import sys
+
+    from harness.api import load_results
+
+    one = _ppl_rows(tmp_path / "one", limit=6)
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "harness",
+           "run", "--model", "gpt2-hf", "--weights", "random:tiny", "--tasks", "ppl", "--limit", "6",
+           "--results-dir", str(tmp_path / "two")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(list((tmp_path / "two").rglob("*.jsonl"))) == 1  # rank 0's run file only
+    rows = load_results(tmp_path / "two")
+    assert len(rows) == len(one) == 4
+    for _, row in rows.iterrows():
+        assert math.isclose(row["value"], one[row["metric"]].value, rel_tol=1e-5, abs_tol=0), row["metric"]

@@ -156,3 +156,37 @@ def test_ppl_against_lm_eval_scores_the_same_documents(tmp_path):
     assert math.isclose(ours.extra["word_perplexity_ours"], ours.extra["word_perplexity_lm_eval"], rel_tol=1e-4)
     assert any(r.metric == "ppl_tokens_per_s_ratio" for r in rows)
     assert any(r.metric == "ppl_tokens_per_s" and r.model == "gpt2-hf" for r in rows)
+
+
+def test_batch_one_decode_has_a_memory_roofline(pair_run):
+    """decode b=1 is held to bytes of weights per token / bandwidth measured beside it (rows, no speed asserted)."""
+    from tasks.throughput.calls import decode_weights
+
+    _, rows = pair_run
+    for model in ("gpt2-scratch", "gpt2-hf"):
+        by = _by(rows, model)
+        sub = "decode b=1 prompt=4 new=4"
+        roofline, fraction = by[sub, "decode_roofline"], by[sub, "decode_roofline_fraction"]
+        bandwidth = by[sub, "memory_bandwidth_bytes_per_s"]
+        assert roofline.value > 0 and fraction.value > 0
+        assert math.isclose(bandwidth.value, roofline.value * roofline.extra["weight_bytes_per_token"])
+        assert ("decode b=2 prompt=4 new=4", "decode_roofline") not in by  # batch 1 only
+    cfg = GPT2Config.from_name("tiny")
+    weights = decode_weights(GPT2(cfg))
+    assert sum(w.numel() for w in weights) == 2 * (4 * 32 * 32 + 8 * 32 * 32) + 1000 * 32  # blocks + tied head
+
+
+def test_decode_copy_is_input_major_and_decodes_the_same_tokens():
+    from harness.api import MODELS, load_weights
+    from harness.models.causal import InputMajorLinear
+
+    spec = MODELS.get("gpt2-scratch")
+    model = spec.build(load_weights(spec.arch, "random:tiny", seed=0), "cpu")
+    x = torch.randint(0, 1000, (3, 5), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model.generate_batch(x, 6), model.module.generate(x, 6, temperature=0.0))
+    copy = model._decode_copy[0]
+    assert all(not isinstance(m, torch.nn.Linear) for m in copy.modules())
+    assert any(isinstance(m, InputMajorLinear) for m in copy.modules())
+    assert copy.transformer.wte.weight is model.module.transformer.wte.weight  # shared, not copied
+    block = model.module.transformer.h[0]
+    assert isinstance(model.module.lm_head, torch.nn.Linear) and isinstance(block.attn.c_attn, torch.nn.Linear)
