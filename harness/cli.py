@@ -93,7 +93,7 @@ def _add_report(sub) -> None:
                    help=f"markdown file to write, plots beside it (default {DEFAULT_REPORT}, which git ignores; "
                         "the committed report changes only with an explicit --out reports/report.md)")
     p.add_argument("--run-id", dest="run_ids", action="append", type=_csv, default=[], metavar="ID[,ID...]",
-                   help="only the rows of these runs (an id or a unique prefix, as in results/v1/<ID>.jsonl), "
+                   help="only the rows of these runs (an id or a unique prefix, as in <results-dir>/v1/<ID>.jsonl), "
                         "repeatable or comma-separated")
     p.add_argument("--latest", action="store_true", help="only the rows of the newest run in --results-dir")
     p.set_defaults(func=cmd_report)
