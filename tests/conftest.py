@@ -25,3 +25,14 @@ def tiny_run(tmp_path_factory):
     store, failures = run(plan)
     assert failures == []
     return store
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny-model tests: a second thread gains nothing there, and on busy
+    shared cores its hand-offs make them many times slower. Use with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    from harness.api import torch_threads
+
+    with torch_threads(1):
+        yield

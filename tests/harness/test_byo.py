@@ -21,13 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 ATOL = 1e-5  # fp32 parity threshold
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is fastest, and on a busy machine thread hand-offs cost ~30 ms per op."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # -- the aligner ------------------------------------------------------------------------------------

@@ -4,17 +4,14 @@ import pandas as pd
 import pytest
 import torch
 
-from harness.api import MODELS, TASKS, HarnessError, RunContext, load_plugins, load_weights, make_config, torch_threads
+from harness.api import MODELS, TASKS, HarnessError, RunContext, load_plugins, load_weights, make_config
 from tasks.char_ppl import CharPerplexity, CharPplConfig, eval_windows, load_char_data
 
 load_plugins()
 TINY = dict(steps="8", batch_size="8", seq_len="16", eval_chars="3000")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def run_task(model: str, seed: int = 0, **overrides: str) -> dict:

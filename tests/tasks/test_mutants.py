@@ -35,13 +35,7 @@ def tiny_pair(family: str, init: float = 0.2) -> tuple[torch.nn.Module, torch.nn
     return ours_cls.from_hf(cfg, sd).eval(), ref, cfg.vocab_size
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread is fastest, and much faster on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

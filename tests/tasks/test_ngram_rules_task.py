@@ -15,7 +15,6 @@ from harness.api import (
     load_weights,
     make_config,
     parse_overrides,
-    torch_threads,
 )
 from harness.models.charlm import RUNGS, LadderModel
 from harness.runner import RunPlan, run
@@ -28,10 +27,7 @@ TINY_MODELS = ["bigram", "trigram", "mlp-ngram", "char-gpt-scratch", "char-gpt-h
 METRICS = {"valid_rate", "token_valid_rate", "nll", "entropy_bound", "train_seconds"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    with torch_threads(1):  # tiny models; a second thread only adds contention on busy CI cores
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def ladder(name: str, weights: str | None = None) -> LadderModel:

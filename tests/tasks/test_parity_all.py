@@ -14,7 +14,6 @@ import dataclasses
 import importlib
 
 import pytest
-import torch
 
 from harness.api import MODELS, Capability, RunContext, load_plugins
 from harness.runner import ModelPool, RunPlan
@@ -35,13 +34,7 @@ UNSEEN: dict[str, dict] = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on busy shared cores two threads are much slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def scratch_models() -> list[str]:

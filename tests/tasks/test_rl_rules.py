@@ -11,7 +11,6 @@ from harness.api import (
     load_results,
     load_weights,
     make_config,
-    torch_threads,
 )
 from harness.runner import RunPlan, run
 from tasks.rl_rules import RLRules, rl_parity
@@ -24,10 +23,7 @@ MODELS_RL = ["grpo-scratch", "grpo-trl", "rloo-scratch", "rloo-trl", "dpo-scratc
 METRICS = {"valid_rate_before", "valid_rate_after", "reward_mean", "kl_to_ref"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def build(name: str):

@@ -6,7 +6,6 @@ import dataclasses
 
 import numpy as np
 import pytest
-import torch
 import transformers
 
 from harness.api import MODELS, HarnessError, RunContext, UnknownNameError, Weights, load_plugins, load_weights
@@ -29,12 +28,7 @@ from tasks.seq2seq import (
 QUICK = {"steps": "30", "train_examples": "300", "eval_examples": "8", "bootstrap": "50"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
