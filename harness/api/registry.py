@@ -6,7 +6,7 @@
     MODELS.add("gpt2-scratch", "GPT-2 from scratch", ModelSpec(...))
 
 Entries are typed (`Registry[ModelSpec]`, `Registry[type[Task]]`) and loaded lazily: the first
-lookup imports the plugin modules (the harness's own `harness.models` and `tasks.catalog`, and
+lookup in a registry imports that kind's plugin modules (the harness's own `harness.models` and `tasks.catalog`, and
 every module an installed package declares under the entry-point groups `lm_repro_harness.models`
 and `lm_repro_harness.tasks`, and the modules named in `HARNESS_PLUGINS`, comma-separated, e.g.
 `HARNESS_PLUGINS=examples/plugin_task.py harness run ...`). Nothing in the harness core imports a
@@ -30,9 +30,12 @@ from harness.api.errors import HarnessError, UnknownNameError
 
 T = TypeVar("T")
 
-# The harness's own plugins, as module names: importing one registers what it defines.
-BUILTIN_PLUGINS = ("harness.models", "tasks.catalog", "harness.train.report")
-ENTRY_POINT_GROUPS = ("lm_repro_harness.models", "lm_repro_harness.tasks")
+# The harness's own plugins, as module names: importing one registers what it defines. Each registry
+# loads its own kind only (a model lookup does not import the tasks, ~2.5 s of scipy and friends).
+PLUGINS_OF = {"model": ("harness.models",), "task": ("tasks.catalog",), "report section": ("harness.train.report",)}
+GROUP_OF = {"model": "lm_repro_harness.models", "task": "lm_repro_harness.tasks"}
+BUILTIN_PLUGINS = tuple(m for modules in PLUGINS_OF.values() for m in modules)
+ENTRY_POINT_GROUPS = tuple(GROUP_OF.values())
 
 
 @dataclass(frozen=True)
@@ -63,17 +66,17 @@ class Registry(Generic[T]):
         return self.entry(name).obj
 
     def entry(self, name: str) -> Entry[T]:
-        load_plugins()
+        load_plugins(self.kind)
         if name not in self._entries:
             raise UnknownNameError(f"unknown {self.kind} '{name}'; known {self.kind}s: {', '.join(self.names())}")
         return self._entries[name]
 
     def names(self) -> list[str]:
-        load_plugins()
+        load_plugins(self.kind)
         return sorted(self._entries)
 
     def __contains__(self, name: object) -> bool:
-        load_plugins()
+        load_plugins(self.kind)
         return name in self._entries
 
     def __iter__(self) -> Iterator[Entry[T]]:
@@ -110,7 +113,7 @@ class ModelRegistry(Registry):
         `gpt2-scratch --reference gpt2-hf`), anything else is refused. Any other name (`PATH.py:NAME`,
         `package.module:NAME`, an entry-point factory) goes to the resolvers; the spec they return is cached
         per (name, reference), so the file is imported once per process. Unknown: the usual one-line error."""
-        load_plugins()
+        load_plugins(self.kind)
         if name in self._entries:
             spec = self._entries[name].obj
             own = spec.info.reference
@@ -134,7 +137,7 @@ class ModelRegistry(Registry):
     def entry(self, name: str) -> Entry:
         """A registered model, or the spec `resolve` returned last for this name (so a command that has
         resolved `PATH.py:NAME` once can look it up by name like any other model)."""
-        load_plugins()
+        load_plugins(self.kind)
         if name not in self._entries and name in self._last:
             spec = self._last[name]
             return Entry(name, f"your model, held to {spec.info.reference}", spec)
@@ -147,27 +150,29 @@ TASKS: Registry = Registry("task")  # name -> a harness.api.task.Task subclass
 # name -> (history DataFrame, figure dir, report dir) -> markdown.
 REPORT_SECTIONS: Registry = Registry("report section")
 
-_loaded = False
-_loading = False
+_loaded: set[str] = set()  # kinds whose plugins are imported
+_loading: set[str] = set()
 
 
-def load_plugins() -> None:
-    """Import every plugin module once (idempotent; the registries call it on first use)."""
-    global _loaded, _loading
-    if _loaded or _loading:
-        return
-    _loading = True
-    try:
-        for module in BUILTIN_PLUGINS:
-            importlib.import_module(module)
-        for group in ENTRY_POINT_GROUPS:
-            for ep in metadata.entry_points(group=group):
-                _load_entry_point(ep)
-        for module in filter(None, (m.strip() for m in os.environ.get("HARNESS_PLUGINS", "").split(","))):
-            _import_plugin(module)
-        _loaded = True
-    finally:
-        _loading = False
+def load_plugins(kind: str | None = None) -> None:
+    """Import the plugin modules of one kind ("model", "task", "report section"), or of every kind, once
+    (idempotent; the registries call it on first use). HARNESS_PLUGINS modules, which may register
+    anything, come with every kind."""
+    for k in [kind] if kind else list(PLUGINS_OF):
+        if k in _loaded or k in _loading:
+            continue
+        _loading.add(k)
+        try:
+            for module in PLUGINS_OF.get(k, ()):
+                importlib.import_module(module)
+            if k in GROUP_OF:
+                for ep in metadata.entry_points(group=GROUP_OF[k]):
+                    _load_entry_point(ep)
+            for module in filter(None, (m.strip() for m in os.environ.get("HARNESS_PLUGINS", "").split(","))):
+                _import_plugin(module)
+            _loaded.add(k)
+        finally:
+            _loading.discard(k)
 
 
 def _import_plugin(module: str) -> None:
