@@ -75,6 +75,10 @@ def _add_run(sub) -> None:
                         "name results/... to add to the committed runs)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="TASK.KEY=VALUE",
                    help="override a task config field, repeatable (e.g. --set ppl.stride=512)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the models that have a reference (scratch and your own; references stay eager); "
+                        "rows carry config compile=true. The first call of each new shape compiles (~40 s on 2 CPU "
+                        "cores); on CPU it did not pay off here (docs/throughput.md)")
     p.add_argument("--resume", action="store_true",
                    help="continue the newest run in --results-dir after a kill or Ctrl-C: the same command plus "
                         "--resume redoes only the (model, task, subtask) units it had not finished; refused when "
@@ -153,7 +157,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     plan = RunPlan(
         models=args.models, tasks=args.tasks, weights=args.weights, limit=args.limit, seed=args.seed,
         device=args.device, results_dir=args.results_dir, overrides=parse_overrides(args.overrides, TASKS.names()),
-        resume=args.resume, reference=args.reference,
+        resume=args.resume, reference=args.reference, compile=args.compile,
     )
     store, failures = run(plan, err_console)  # validates every name and option before any work
     if store.rows:

@@ -56,6 +56,7 @@ class RunPlan:
     overrides: dict[str, dict[str, str]] = field(default_factory=dict)  # task -> key -> raw value
     reference: str | None = None  # --reference: the registered reference a user's model (PATH.py:NAME) is held to
     resume: bool = False  # continue the newest run in results_dir (same plan): finished units are not redone
+    compile: bool = False  # --compile: torch.compile every model that has a reference (nn.Module.compile)
 
 
 @dataclass
@@ -83,7 +84,10 @@ class ModelPool:
         if name not in self._models:
             spec: ModelSpec = MODELS.get(name)
             torch.manual_seed(self.plan.seed)  # heads absent from a checkpoint get a seeded init
-            self._models[name] = spec.build(self.weights(spec), self.plan.device)
+            model = spec.build(self.weights(spec), self.plan.device)
+            if self.plan.compile and model.info.reference and isinstance(model.module, torch.nn.Module):
+                model.module.compile()  # in place (same parameters and state_dict names); references stay eager
+            self._models[name] = model
         return self._models[name]
 
     def reference(self, model: ModelAdapter) -> ModelAdapter | None:
@@ -125,6 +129,8 @@ def validate(plan: RunPlan) -> dict[str, Task]:
     if plan.seed < 0:
         raise HarnessError(f"--seed {plan.seed}: must be >= 0")
     check_device(plan.device)
+    if plan.compile:
+        check_compiler(plan.device)
     tasks = {name: TASKS.get(name)(make_config(TASKS.get(name), plan.overrides.get(name, {}))) for name in plan.tasks}
     for task in tasks.values():
         task.validate()  # config checks that need no model (files, ranges), before any weights load
@@ -223,7 +229,7 @@ def plan_record(plan: RunPlan, tasks: dict[str, Task]) -> dict[str, Any]:
     return {"models": plan.models, "reference": plan.reference, "tasks": list(tasks), "weights": plan.weights,
             "limit": plan.limit, "seed": plan.seed, "device": plan.device,
             "task_versions": {n: t.version for n, t in tasks.items()},
-            "configs": {n: asdict(t.config) for n, t in tasks.items()}}
+            "configs": {n: asdict(t.config) for n, t in tasks.items()}, **({"compile": True} if plan.compile else {})}
 
 
 def _journal(store: ResultStore, record: dict[str, Any], pool: ModelPool, tasks: dict[str, Task],
@@ -264,7 +270,18 @@ def row_of(model: ModelAdapter, task: Task, m: Metric, plan: RunPlan, run_id: st
 
 
 def _config_dict(task: Task, plan: RunPlan) -> dict[str, Any]:
-    return {**asdict(task.config), "limit": plan.limit}
+    """A row's config: the task's, the limit, and `compile: true` under --compile (so the gate and the
+    report never compare a compiled run's rows with an eager baseline's as if they were the same plan)."""
+    return {**asdict(task.config), "limit": plan.limit, **({"compile": True} if plan.compile else {})}
+
+
+def check_compiler(device: str) -> None:
+    """torch.compile's CPU backend (inductor) builds C++ kernels: refuse --compile up front without a compiler."""
+    import shutil
+
+    if device == "cpu" and not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
+        raise HarnessError("--compile on CPU needs a C++ compiler (torch.compile's inductor builds C++ kernels): "
+                           "install g++ (e.g. apt install g++) or drop --compile")
 
 
 def _progress(console: Console) -> Progress:
