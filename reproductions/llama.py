@@ -225,8 +225,12 @@ class Attention(nn.Module):
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nkv, start+T, hs)
         groups = self.n_head // self.n_kv_head  # query heads per key/value head
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, nh, S, hs)
-        mask = causal_mask(T, start, x.device)  # (T, S)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, hs)
+        if start == 0:  # no cache before: plain causal attention, SDPA's fused path
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        elif T == 1:  # one new token attends to every cached position: no mask at all
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, start, x.device))  # mask (T, S)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
