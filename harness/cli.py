@@ -277,7 +277,7 @@ def quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    keep_freed_memory()  # large tensors reuse freed memory instead of faulting in fresh pages (~2x a train step)
+    keep_freed_memory()  # large tensors reuse freed memory instead of faulting in fresh pages (docs/training.md)
     args = build_parser(sys.argv[1:] if argv is None else argv).parse_args(argv)
     quiet_libraries()
     try:
