@@ -46,10 +46,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     _add_list(sub)
     _add_report(sub)
     _add_gate(sub)
-    wanted = argv[:1] if argv else []
-    if not (set(wanted) & {"run", "list", "report", "gate"}):  # the built-ins need no extra module
-        named = [_EXTRA_COMMANDS[c] for c in wanted if c in _EXTRA_COMMANDS]
-        for module in named or _EXTRA_COMMANDS.values():  # `harness train ...` imports only the train command
+    command = argv[0] if argv else None
+    if command not in ("run", "list", "report", "gate"):  # the built-ins need no extra module
+        named = [_EXTRA_COMMANDS[command]] if command in _EXTRA_COMMANDS else _EXTRA_COMMANDS.values()
+        for module in named:  # `harness train ...` imports only the train command; --help imports them all
             importlib.import_module(module).add_parser(sub)
     return parser
 

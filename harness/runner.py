@@ -229,7 +229,7 @@ def plan_record(plan: RunPlan, tasks: dict[str, Task]) -> dict[str, Any]:
     return {"models": plan.models, "reference": plan.reference, "tasks": list(tasks), "weights": plan.weights,
             "limit": plan.limit, "seed": plan.seed, "device": plan.device,
             "task_versions": {n: t.version for n, t in tasks.items()},
-            "configs": {n: asdict(t.config) for n, t in tasks.items()}, **({"compile": True} if plan.compile else {})}
+            "configs": {n: asdict(t.config) for n, t in tasks.items()}, **_compiled(plan)}
 
 
 def _journal(store: ResultStore, record: dict[str, Any], pool: ModelPool, tasks: dict[str, Task],
@@ -272,7 +272,12 @@ def row_of(model: ModelAdapter, task: Task, m: Metric, plan: RunPlan, run_id: st
 def _config_dict(task: Task, plan: RunPlan) -> dict[str, Any]:
     """A row's config: the task's, the limit, and `compile: true` under --compile (so the gate and the
     report never compare a compiled run's rows with an eager baseline's as if they were the same plan)."""
-    return {**asdict(task.config), "limit": plan.limit, **({"compile": True} if plan.compile else {})}
+    return {**asdict(task.config), "limit": plan.limit, **_compiled(plan)}
+
+
+def _compiled(plan: RunPlan) -> dict[str, bool]:
+    """`compile: true` under --compile, nothing otherwise (records of eager runs stay as they were)."""
+    return {"compile": True} if plan.compile else {}
 
 
 def check_compiler(device: str) -> None:

@@ -6,9 +6,10 @@ logits of the tiny GPT-2 are 412 MB) is new memory the kernel must fault in and 
 `harness train --steps 10` on the tiny config spent 13.8-16.6 s of system time on that (4.1-4.4 million
 minor page faults). With mmap off and the heap never trimmed, freed blocks stay on malloc's heap and are
 reused: 2.6-3.8 s of system time, 0.7-0.8 million faults, and 31.6-34.1 s -> 18.1-22.1 s wall for that
-command with the other fixed-cost changes (docs/training.md). A 1 GiB trim threshold was not enough (a step's free space at the top of
-the heap exceeded it about one run in two). Same arithmetic, nothing else changes. The price is that
-the process keeps its peak memory until it exits, which a command that runs to completion does not mind.
+command with the other fixed-cost changes (docs/training.md). A 1 GiB trim threshold was not enough (a
+step's free space at the top of the heap exceeded it about one run in two). Same arithmetic, nothing
+else changes. The price is that the process keeps its peak memory until it exits, which a command that
+runs to completion does not mind.
 
 `HARNESS_MALLOC=system` leaves malloc as it is. A no-op off glibc (macOS, Windows, musl).
 """

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from harness.api import HarnessError
 from harness.cli import main
@@ -17,12 +16,7 @@ if (DEFAULT / "model.safetensors").is_file():
     WEIGHTS.append(pytest.param(str(DEFAULT), id="trained-default"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def generate(capsys, *args: str) -> str:

@@ -24,12 +24,7 @@ TINY = TrainConfig(
 CLI = ["train", "--model", "gpt2-scratch", "--data", "tinyshakespeare", "--batch-size", "2", "--block-size", "16"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def scalars(log_dir) -> dict[str, list[tuple[int, float]]]:

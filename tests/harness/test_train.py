@@ -40,12 +40,7 @@ TINY = TrainConfig(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # also makes CPU reductions run in one fixed order
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # one torch thread: also makes CPU reductions run in one fixed order
 
 
 def quiet() -> Console:
