@@ -326,6 +326,9 @@ def build_model(config: NGramConfig | NeuralNGramConfig | RNNConfig, seed: int =
         return MODELS[type(config)](config)
 
 
+SCHEDULES = ("constant", "cosine")
+
+
 def train_lm(
     model: CharLM,
     batches_fn: BatchesFn,
@@ -334,17 +337,24 @@ def train_lm(
     weight_decay: float = 0.0,
     grad_clip: float | None = 1.0,
     seed: int = 0,
+    schedule: str = "constant",
 ) -> list[float]:
     """Minimise next-token cross-entropy with AdamW; returns the loss of every step.
 
     ``seed`` drives the batches (the generator handed to ``batches_fn``); the model's own
-    initialisation is ``build_model``'s.
+    initialisation is ``build_model``'s. ``schedule`` is "constant" (``lr`` throughout) or "cosine"
+    (``lr`` at the first step, half a cosine down to 0 after the last; Loshchilov & Hutter 2017).
     """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)} (got {schedule!r})")
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     model.train()
     losses = []
-    for _ in range(steps):
+    for step in range(steps):
+        if schedule == "cosine":
+            for group in opt.param_groups:
+                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
         batch = batches_fn(gen)
         loss = next_token_loss(model.logits(batch), batch)
         opt.zero_grad(set_to_none=True)

@@ -46,6 +46,12 @@ from dataclasses import dataclass
 import torch
 
 TASK_VERSION = 1
+# "table": the allowed set is a function of all N-1 previous symbols (a random table: learning it is
+#          a sparse-parity-like search, since every shorter context carries exactly no signal);
+# "lag":   the allowed set is a function of the symbol N-1 back alone, the same band for every
+#          suffix: the sequence splits into N-1 interleaved independent chains, so every claim above
+#          still holds exactly, while one attention head at offset N-1 suffices to learn it.
+RULES = ("table", "lag")
 MAX_CONTEXTS = 1 << 22  # V**(N-1) table rows; 4M rows of V bools stays well under a GiB
 
 
@@ -65,6 +71,7 @@ class RuleSpec:
     allowed: int = 2  # size k of each allowed set, 1 <= k < V
     seq_len: int = 32  # L, symbols per sequence, prefix included
     seed: int = 0  # seeds the rule table (not the samples)
+    rule: str = "table"  # "table": one shuffled band per (N-2)-suffix; "lag": one band for all (see RULES)
 
     def __post_init__(self) -> None:
         if self.n < 2:
@@ -73,6 +80,8 @@ class RuleSpec:
             raise ValueError(f"RuleSpec needs 1 <= allowed < vocab (got {self.allowed} and {self.vocab})")
         if self.seq_len < self.n:
             raise ValueError(f"RuleSpec.seq_len must be >= n (got seq_len={self.seq_len}, n={self.n})")
+        if self.rule not in RULES:
+            raise ValueError(f"RuleSpec.rule must be one of {', '.join(RULES)} (got {self.rule!r})")
         if self.vocab ** (self.n - 1) > MAX_CONTEXTS:
             contexts = self.vocab ** (self.n - 1)
             raise ValueError(f"vocab**(n-1) = {contexts} contexts exceeds {MAX_CONTEXTS}; lower n or vocab")
@@ -185,8 +194,9 @@ def _balanced_table(spec: RuleSpec) -> torch.Tensor:
     """(V**(N-1), V) bool table; for each (N-2)-suffix the V rows are a shuffled cyclic band."""
     v, k, groups = spec.vocab, spec.allowed, spec.vocab ** (spec.n - 2)
     gen = torch.Generator().manual_seed(spec.seed)
-    row_pos = torch.rand(groups, v, generator=gen).argsort(-1)  # slot of each dropped symbol u
-    col_pos = torch.rand(groups, v, generator=gen).argsort(-1)  # where each symbol sits
+    drawn = groups if spec.rule == "table" else 1  # "lag": every suffix shares one band
+    row_pos = torch.rand(drawn, v, generator=gen).argsort(-1).expand(groups, v)  # slot of each dropped symbol u
+    col_pos = torch.rand(drawn, v, generator=gen).argsort(-1).expand(groups, v)  # where each symbol sits
     band = (col_pos[:, None, :] - row_pos[:, :, None]) % v < k  # (groups, u, symbol): each column sums to k
     return band.transpose(0, 1).reshape(v ** (spec.n - 1), v)  # oldest symbol is the most significant digit
 

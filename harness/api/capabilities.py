@@ -103,6 +103,12 @@ class CausalLM(Trainable, Generator, Logits, Protocol):
     def generate_batch(self, idx: Tensor, max_new_tokens: int) -> Tensor:
         """Greedy decoding of a batch (B, T) -> (B, T + max_new_tokens), KV cache on, never stopping early."""
 
+    def sample_batch(self, idx: Tensor, max_new_tokens: int, temperature: float, seed: int,
+                     allowed: list[int] | None = None, module: nn.Module | None = None) -> Tensor:
+        """Seeded sampling of a batch (B, T) -> (B, T + max_new_tokens), never stopping early (greedy at
+        temperature 0); `allowed`: the only token ids it may pick, renormalised over them; `module`: this
+        adapter's module (default) or a copy of it, e.g. a fine-tuned one."""
+
 
 class Seq2Seq(_Model, Protocol):
     capability: ClassVar[Capability] = Capability.SEQ2SEQ

@@ -35,6 +35,7 @@ class Recipe:
     lr: float
     seed: int  # drives the batches: every model given the same seed sees the same ones
     grad_clip: float | None = 1.0
+    schedule: str = "constant"  # learning rate: "constant" or "cosine" (down to 0 at the last step)
 
 
 

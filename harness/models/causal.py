@@ -141,6 +141,46 @@ def input_major_copy(module: nn.Module) -> nn.Module:
     return fast.eval()
 
 
+class AllowedTokensHead(nn.Module):
+    """An LM head that scores only the `allowed` token ids, for constrained sampling: logits over ids
+    0 .. max(allowed), -inf on every id not allowed, so sampling from them (at any temperature) picks an
+    allowed token, with probabilities renormalised over them. Logits beyond max(allowed) are left out
+    rather than set to -inf: no sampler can pick them either way, and a prefill that scores every
+    position (the scratch models do) never builds (B, T, vocab). Reads the wrapped head's weight rows."""
+
+    def __init__(self, head: nn.Linear, allowed: list[int]) -> None:
+        super().__init__()
+        index = torch.tensor(allowed, dtype=torch.long, device=head.weight.device)
+        self.index, self.width = index, max(allowed) + 1
+        self.rows = head.weight.detach()[index]  # (len(allowed), C): plain tensors, not parameters
+        self.bias = None if head.bias is None else head.bias.detach()[index]
+
+    @property
+    def weight(self) -> Tensor:  # the allowed rows (allowed, C), for code that reads the dtype or device
+        return self.rows
+
+    def forward(self, x: Tensor) -> Tensor:
+        scores = torch.nn.functional.linear(x, self.rows.to(x.dtype), None if self.bias is None else self.bias)
+        out = scores.new_full((*x.shape[:-1], self.width), float("-inf"))
+        return out.index_copy_(-1, self.index, scores)
+
+
+@contextmanager
+def allowed_tokens_only(module: nn.Module, allowed: list[int] | None) -> Iterator[None]:
+    """Inside, `module.lm_head` is an `AllowedTokensHead` over `allowed` (nothing changes for None)."""
+    head = module.lm_head
+    if allowed is None:
+        yield
+        return
+    if not isinstance(head, nn.Linear):
+        raise HarnessError(f"constrained sampling needs an nn.Linear lm_head; this module has {type(head).__name__}")
+    module.lm_head = AllowedTokensHead(head, allowed)
+    try:
+        yield
+    finally:
+        module.lm_head = head
+
+
 def _join_pair(a: list[int], b: list[int] | None, eot: int, max_len: int) -> list[int]:
     if b is None:
         return [eot, *a[: max(max_len - 2, 0)], eot]
@@ -224,6 +264,15 @@ class ScratchCausalLM(HeadSplit, DecoderClassification, ModelAdapter):
                                    generator=generator)
         return out[0, len(prompt_ids):].tolist()
 
+    @torch.inference_mode()
+    def sample_batch(self, idx: Tensor, max_new_tokens: int, temperature: float, seed: int,
+                     allowed: list[int] | None = None, module: nn.Module | None = None) -> Tensor:
+        module = self.module if module is None else module
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        with allowed_tokens_only(module, allowed):
+            out = module.generate(idx.to(self.device), max_new_tokens, temperature=temperature, generator=generator)
+        return _exact_length(self, idx, out, max_new_tokens)
+
 
 class HFCausalLM(HeadSplit, DecoderClassification, ModelAdapter):
     capabilities = LM_CAPABILITIES | {Capability.CLASSIFY}
@@ -259,6 +308,19 @@ class HFCausalLM(HeadSplit, DecoderClassification, ModelAdapter):
         with torch.no_grad(), _eos_disabled(self.module):
             out = self.module.generate(idx, generation_config=config, attention_mask=torch.ones_like(idx))
         return out[0, len(prompt_ids):].tolist()
+
+    @torch.inference_mode()
+    def sample_batch(self, idx: Tensor, max_new_tokens: int, temperature: float, seed: int,
+                     allowed: list[int] | None = None, module: nn.Module | None = None) -> Tensor:
+        module = self.module if module is None else module
+        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=temperature > 0, eos_token_id=None,
+                                  pad_token_id=self.tokenizer.pad_id, use_cache=True,
+                                  **_sampling_kwargs(temperature, None, None))
+        torch.manual_seed(seed)  # transformers samples from the global generator
+        idx = idx.to(self.device)
+        with _eos_disabled(module), allowed_tokens_only(module, allowed):
+            out = module.generate(idx, generation_config=config, attention_mask=torch.ones_like(idx))
+        return _exact_length(self, idx, out, max_new_tokens)
 
 
 @contextmanager

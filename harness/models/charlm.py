@@ -234,7 +234,7 @@ class LadderModel(ModelAdapter):
         batches = charlm.row_batches(data, recipe.batch_size) if data.dim() == 2 else \
             charlm.window_batches(data, recipe.batch_size, recipe.block)
         return charlm.train_lm(lm, batches, recipe.steps, lr=recipe.lr, grad_clip=recipe.grad_clip,
-                               seed=recipe.seed)
+                               seed=recipe.seed, schedule=recipe.schedule)
 
 
 def _register_rung(rung: Rung) -> None:

@@ -298,7 +298,7 @@ class RLModel(ModelAdapter):
 
     def pretrain(self, lm: charlm.CharLM, data: torch.Tensor, recipe: Recipe) -> list[float]:
         return charlm.train_lm(lm, charlm.row_batches(data, recipe.batch_size), recipe.steps, lr=recipe.lr,
-                               grad_clip=recipe.grad_clip, seed=recipe.seed)
+                               grad_clip=recipe.grad_clip, seed=recipe.seed, schedule=recipe.schedule)
 
     def rl_session(self, policy: ScratchCharGPT, config: Any, group_size: int):
         if not isinstance(config, CONFIGS[self.algorithm]):

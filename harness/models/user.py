@@ -390,5 +390,20 @@ class UserLM(ModelAdapter):
         """Greedy, by the same loop (no KV cache: a user's module need not have one)."""
         return self.decode(idx.to(self.device), max_new_tokens)
 
+    @torch.inference_mode()
+    def sample_batch(self, idx: Tensor, max_new_tokens: int, temperature: float, seed: int,
+                     allowed: list[int] | None = None, module: nn.Module | None = None) -> Tensor:
+        """Seeded sampling by the same loop, on `module` (default: this adapter's), over `allowed` ids only."""
+        module = self.module if module is None else module
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        idx = idx.to(self.device)
+        keep = None if allowed is None else torch.tensor(allowed, device=self.device)
+        for _ in range(max_new_tokens):
+            last = self._output(module, idx[:, -self.max_length:], None, targets=False)[:, -1].float()  # (B, V)
+            if keep is not None:
+                last = torch.full_like(last, float("-inf")).index_copy_(-1, keep, last[:, keep])
+            idx = torch.cat([idx, sample_next(last, temperature, None, None, generator)], dim=1)
+        return idx
+
 
 MODELS.add_resolver(resolve_user_model)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -73,11 +75,39 @@ def _ppl_calls(model: CausalLM, reference: CausalLM, cfg: ThroughputConfig, seed
         outputs["ours"] = next(r.value for r in ppl.run(model, ctx) if r.metric == "word_perplexity")
 
     def theirs() -> None:
-        out = lm_eval.simple_evaluate(model=lm, tasks=["wikitext_local"], task_manager=task_manager)
+        with lm_eval_bars_off():
+            out = lm_eval.simple_evaluate(model=lm, tasks=["wikitext_local"], task_manager=task_manager)
         outputs["lm_eval"] = out["results"]["wikitext_local"]["word_perplexity,none"]
 
     tokens = sum(len(t) for t in model.tokenizer.encode_batch([detokenize(d) for d in docs]))
     return ours, theirs, outputs, tokens
+
+
+# lm-eval's modules that draw tqdm bars on the way through `simple_evaluate` + HFLM.
+LM_EVAL_BAR_MODULES = ("lm_eval.models.huggingface", "lm_eval.api.model", "lm_eval.api.task")
+
+
+@contextmanager
+def lm_eval_bars_off() -> Iterator[None]:
+    """lm-eval's progress bars off while it runs inside our own: `HFLM.loglikelihood_rolling` passes
+    `disable_tqdm=False` explicitly (lm-eval 0.4.13), so neither TQDM_DISABLE nor an argument reaches
+    it; each module's `tqdm` name is swapped for one that is always disabled, then put back."""
+    import importlib
+
+    from tqdm import tqdm
+
+    def quiet(*args, **kwargs):
+        return tqdm(*args, **{**kwargs, "disable": True})
+
+    modules = [importlib.import_module(name) for name in LM_EVAL_BAR_MODULES]
+    saved = [(m, m.tqdm) for m in modules if hasattr(m, "tqdm")]
+    for module, _ in saved:
+        module.tqdm = quiet
+    try:
+        yield
+    finally:
+        for module, original in saved:
+            module.tqdm = original
 
 
 def _write_lm_eval_task(docs: list[str], tmp: Path) -> Path:

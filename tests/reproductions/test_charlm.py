@@ -177,6 +177,29 @@ def test_bengio_mlp_learns_the_trigram_rule():
     assert model.nll(lang.sample(200, generator=2)) < lang.entropy_bound() + 0.05
 
 
+@pytest.mark.parametrize(("schedule", "expected"), [
+    ("constant", [1.0, 1.0, 1.0, 1.0]),
+    ("cosine", [0.5 * (1 + math.cos(math.pi * s / 4)) for s in range(4)]),  # 1, 0.854, 0.5, 0.146
+])
+def test_learning_rate_schedules(monkeypatch, schedule, expected):
+    seen, step = [], torch.optim.AdamW.step
+
+    def record(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", record)
+    rows = torch.randint(V, (16, 8), generator=torch.Generator().manual_seed(0))
+    train_lm(build_model(RNNConfig(vocab=V), seed=0), row_batches(rows, 4), steps=4, lr=2e-3, schedule=schedule)
+    assert seen == pytest.approx([2e-3 * e for e in expected], rel=1e-12)
+
+
+def test_unknown_schedule_is_refused():
+    with pytest.raises(ValueError, match="schedule must be one of constant, cosine"):
+        train_lm(build_model(RNNConfig(vocab=V), seed=0), row_batches(torch.zeros(4, 4, dtype=torch.long), 2),
+                 steps=1, schedule="linear")
+
+
 def test_window_batches_are_contiguous_slices():
     stream = torch.arange(100)
     batch = window_batches(stream, 4, 10)(torch.Generator().manual_seed(0))

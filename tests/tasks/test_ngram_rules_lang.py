@@ -7,7 +7,8 @@ from tasks.ngram_rules_lang import RuleLanguage, RuleSpec
 
 ORDERS = [2, 3, 4, 6, 8]
 SPECS = [RuleSpec(n=n) for n in ORDERS] + [RuleSpec(n=3, vocab=6, allowed=4, seq_len=12, seed=5)]
-SPEC_IDS = [f"n{s.n}-v{s.vocab}-k{s.allowed}" for s in SPECS]
+SPECS += [RuleSpec(n=n, rule="lag") for n in (3, 6, 8)]  # every property below holds for both rules
+SPEC_IDS = [f"n{s.n}-v{s.vocab}-k{s.allowed}-{s.rule}" for s in SPECS]
 
 
 @pytest.fixture(params=SPECS, ids=SPEC_IDS)
@@ -126,3 +127,34 @@ def test_bad_inputs_fail_with_a_message():
         lang.allowed((1,))
     with pytest.raises(ValueError, match="symbols must lie"):
         lang.token_valid(torch.tensor([0, 1, 4]))
+
+
+@pytest.mark.parametrize("n", [3, 6, 8])
+def test_lag_rule_depends_on_the_symbol_n_minus_1_back_alone(n):
+    v = 4
+    lag = RuleLanguage(RuleSpec(n=n, rule="lag", seed=2)).table.view(v, v ** (n - 2), v)  # (oldest, suffix, symbol)
+    assert (lag == lag[:, :1]).all()  # the same band for every suffix
+    table = RuleLanguage(RuleSpec(n=n, seed=2)).table.view(v, v ** (n - 2), v)
+    assert not (table == table[:, :1]).all()  # the table rule's band changes with the suffix
+
+
+def test_lag_rule_splits_into_independent_chains():
+    """Symbols fewer than N-1 apart are independent: the empirical law of a pair (x_t, x_{t+d}) with
+    d < N-1 is uniform on V x V; at d = N-1 it puts mass only on allowed pairs."""
+    n, v = 5, 4
+    lang = RuleLanguage(RuleSpec(n=n, rule="lag"))
+    seqs = lang.sample(20_000, generator=0)
+    for d in range(1, n):
+        counts = torch.zeros(v, v)
+        counts.index_put_((seqs[:, 4], seqs[:, 4 + d]), torch.ones(len(seqs)), accumulate=True)
+        share = counts / counts.sum()
+        if d < n - 1:
+            assert (share - 1 / v**2).abs().max() < 0.01
+        else:
+            band = lang.table.view(v, -1, v)[:, 0].double()  # allowed set of each oldest symbol
+            assert share[band == 0].sum() == 0 and (share[band == 1] - 1 / (v * 2)).abs().max() < 0.01
+
+
+def test_unknown_rule_is_refused():
+    with pytest.raises(ValueError, match="rule must be one of table, lag"):
+        RuleSpec(n=3, rule="lags")

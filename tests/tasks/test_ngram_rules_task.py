@@ -61,7 +61,7 @@ def test_set_n_parses_to_a_tuple_of_ints():
     overrides = parse_overrides(["ngram-rules.n=2,3", "ngram-rules.steps=7"], TASKS.names())
     config = make_config(NGramRules, overrides["ngram-rules"])
     assert config.n == (2, 3) and config.steps == 7
-    assert NGramRulesConfig().n == (2, 3, 4, 6)
+    assert NGramRulesConfig().n == (2, 3, 4, 6, 8) and NGramRulesConfig().rule == "lag"
 
 
 def test_unknown_key_and_bad_order_are_one_line_errors():
@@ -170,6 +170,31 @@ def test_seeds_below_one_are_refused_before_any_work():
     with pytest.raises(HarnessError, match="ngram-rules.seeds must be >= 1") as e:
         NGramRules(make_config(NGramRules, {"seeds": "0"})).validate()
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("workers", "0", "ngram-rules.workers must be >= 1"),
+    ("schedule", "linear", "ngram-rules.schedule must be one of constant, cosine"),
+    ("rule", "random", "rule must be one of table, lag"),
+])
+def test_bad_workers_schedule_and_rule_are_refused_before_any_work(key, value, message):
+    with pytest.raises(HarnessError, match=message) as e:
+        NGramRules(make_config(NGramRules, {key: value})).validate()
+    assert "\n" not in str(e.value)
+
+
+def test_worker_processes_give_the_rows_of_one_process():
+    """(order, seed) jobs in two spawned workers: the same rows, in the same order, as in-process."""
+    values = lambda rows: [(m.subtask, m.metric, m.value, m.extra.get("per_seed")) for m in rows  # noqa: E731
+                           if m.metric != "train_seconds"]
+    alone = run_task("char-gpt-scratch", seed=4, seeds="2", steps="10")
+    shared = run_task("char-gpt-scratch", seed=4, seeds="2", steps="10", workers="2")
+    assert values(shared) == values(alone) and len(alone) == 2 * len(METRICS)
+
+
+def test_the_table_rule_is_still_there():
+    rows = {m.metric: m.value for m in run_task("trigram", n="3", rule="table")}
+    assert rows["valid_rate"] == 1.0  # a counting model of the rule's own order learns either rule
 
 
 def test_derived_seeds_are_stable_and_distinct():

@@ -148,10 +148,11 @@ def test_report_section_writes_a_ratio_table_and_a_plot(pair_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_ppl_against_lm_eval_scores_the_same_documents(tmp_path):
+def test_ppl_against_lm_eval_scores_the_same_documents(tmp_path, capfd):
     pytest.importorskip("lm_eval")
     rows = _run(tmp_path, ["gpt2-scratch", "gpt2-hf"], batch_sizes="1", seq_lens="8", decode_batch_sizes="1",
                 lm_eval="true", lm_eval_docs="1").rows
+    assert "Running loglikelihood requests" not in capfd.readouterr().err  # lm-eval's own bars stay off
     ours = next(r for r in rows if r.metric == "ppl_tokens_per_s" and r.model == "gpt2-scratch")
     assert math.isclose(ours.extra["word_perplexity_ours"], ours.extra["word_perplexity_lm_eval"], rel_tol=1e-4)
     assert any(r.metric == "ppl_tokens_per_s_ratio" for r in rows)
@@ -190,3 +191,16 @@ def test_decode_copy_is_input_major_and_decodes_the_same_tokens():
     assert copy.transformer.wte.weight is model.module.transformer.wte.weight  # shared, not copied
     block = model.module.transformer.h[0]
     assert isinstance(model.module.lm_head, torch.nn.Linear) and isinstance(block.attn.c_attn, torch.nn.Linear)
+
+
+def test_lm_eval_bars_are_off_inside_and_restored_after():
+    pytest.importorskip("lm_eval")
+    import importlib
+
+    from tasks.throughput.lm_eval_ppl import LM_EVAL_BAR_MODULES, lm_eval_bars_off
+
+    modules = [importlib.import_module(name) for name in LM_EVAL_BAR_MODULES]
+    before = [m.tqdm for m in modules]
+    with lm_eval_bars_off():
+        assert all(m.tqdm(range(3), disable=False).disable for m in modules)  # an explicit False is overridden
+    assert [m.tqdm for m in modules] == before
