@@ -28,3 +28,19 @@ def ci_cell(block: pd.DataFrame) -> str:
     if extra.get("ci_low") is not None:
         return f"{100 * row['value']:.1f} [{100 * extra['ci_low']:.1f}, {100 * extra['ci_high']:.1f}]"
     return f"{100 * row['value']:.1f}"
+
+
+def mean_interval(values: list[float], clip: bool = False) -> tuple[float, float | None, float, float]:
+    """Mean of `values`, its standard error and a 95% Student-t interval (clipped to [0, 1] for rates);
+    for a single value (value, None, value, value). Seeds of ngram-rules and an LLM's samples use it."""
+    import math
+
+    from scipy.stats import t as scipy_t
+
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None, mean, mean
+    stderr = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
+    half = float(scipy_t.ppf(0.975, len(values) - 1)) * stderr
+    low, high = mean - half, mean + half
+    return (mean, stderr, max(0.0, low), min(1.0, high)) if clip else (mean, stderr, low, high)

@@ -44,7 +44,6 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from scipy.stats import t as scipy_t
 
 from harness.api import (
     TASKS,
@@ -62,7 +61,7 @@ from harness.api import (
 )
 from reproductions import charlm
 from tasks import ngram_rules_llm as llm
-from tasks.common import ladder_refusal
+from tasks.common import ladder_refusal, mean_interval
 from tasks.ngram_rules_lang import TASK_VERSION, RuleLanguage, RuleSpec
 from tasks.workers import map_jobs
 
@@ -232,15 +231,11 @@ def combine_seeds(runs: list[list[Metric]], seeds: list[int]) -> Iterator[Metric
     internals and loss curve are kept (the report draws one model, not an average of them)."""
     for rows in zip(*runs):
         first, values = rows[0], [r.value for r in rows]
-        mean = sum(values) / len(values)
+        mean, stderr, low, high = mean_interval(values, clip=first.metric in RATES)
         extra = {**first.extra, "seeds": seeds, "per_seed": values}
-        stderr = first.stderr  # one seed: the row's own (an LLM's, over its samples), else None
-        if len(values) > 1:
-            stderr = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
-            half = float(scipy_t.ppf(0.975, len(values) - 1)) * stderr
-            low, high = mean - half, mean + half
-            if first.metric in RATES:
-                low, high = max(0.0, low), min(1.0, high)
+        if len(values) == 1:
+            stderr = first.stderr  # one seed: the row's own (an LLM's, over its samples), else None
+        else:
             extra.update(ci_low=low, ci_high=high, ci_level=0.95)
             for key in PER_SEED_INFO:  # what differs between seeds, listed in seed order
                 extra[key] = [r.extra.get(key) for r in rows]

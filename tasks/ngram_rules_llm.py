@@ -31,9 +31,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from scipy.stats import t as scipy_t
 
 from harness.api import CausalLM, HarnessError, Metric, RunContext, TextTokenizer, torch_threads
+from tasks.common import mean_interval
 
 if TYPE_CHECKING:
     from tasks.ngram_rules import NGramRules
@@ -200,19 +200,13 @@ def score(task: NGramRules, n: int, mode: str, ok: torch.Tensor, info: dict,
     # stderr over the samples: the pair check (harness/api/tolerance.py) then allows for two draws of
     # M samples, which differ as soon as fine-tuning rounds differently on the two implementations.
     low, high = wilson(int(valid.sum()), len(valid))
-    yield task.metric("valid_rate", valid.mean(), subtask=sub, n=len(valid), stderr=_stderr(valid),
+    yield task.metric("valid_rate", valid.mean(), subtask=sub, n=len(valid), stderr=mean_interval(valid.tolist())[1],
                       extra={**info, "ci_low": low, "ci_high": high, "ci_level": 0.95, "ci": "wilson"})
-    low, high = t_interval(shares)
-    yield task.metric("token_valid_rate", constrained.mean(), subtask=sub, n=constrained.numel(),
-                      stderr=_stderr(shares),
+    _, stderr, low, high = mean_interval(shares.tolist(), clip=True)
+    yield task.metric("token_valid_rate", constrained.mean(), subtask=sub, n=constrained.numel(), stderr=stderr,
                       extra={**info, "ci_low": low, "ci_high": high, "ci_level": 0.95, "ci": "t over samples"})
     if seconds is not None:
         yield task.metric("train_seconds", seconds, subtask=sub, extra=info)
-
-
-def _stderr(values: torch.Tensor) -> float | None:
-    """Standard error of the mean of per-sample values (None for fewer than two samples)."""
-    return float(values.std() / math.sqrt(len(values))) if len(values) > 1 else None
 
 
 def wilson(successes: int, trials: int) -> tuple[float, float]:
@@ -223,12 +217,3 @@ def wilson(successes: int, trials: int) -> tuple[float, float]:
     centre = (p + z2 / (2 * trials)) / (1 + z2 / trials)
     half = Z95 * math.sqrt(p * (1 - p) / trials + z2 / (4 * trials * trials)) / (1 + z2 / trials)
     return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def t_interval(values: torch.Tensor) -> tuple[float, float]:
-    """95% Student-t interval of the mean of `values`, clipped to [0, 1]."""
-    mean = float(values.mean())
-    if len(values) < 2:
-        return mean, mean
-    half = float(scipy_t.ppf(0.975, len(values) - 1)) * float(values.std()) / math.sqrt(len(values))
-    return max(0.0, mean - half), min(1.0, mean + half)

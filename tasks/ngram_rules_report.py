@@ -13,8 +13,7 @@ import pandas as pd
 import torch
 
 from tasks.common import LADDER_ORDER
-
-RATES = frozenset({"valid_rate", "token_valid_rate"})  # clipped to [0, 1]; drawn with their intervals
+from tasks.ngram_rules import RATES, rule_of  # RATES: clipped to [0, 1], drawn with their intervals
 
 SOLVED = 0.5  # valid rate at which the summary counts an order as learned
 MODES = ("", "icl", "ft")  # a subtask's mode: the ladder's `n=N`, then an LLM's `n=N icl` and `n=N ft`
@@ -25,7 +24,6 @@ def ngram_rules_section(history: pd.DataFrame, fig_dir: Path, report_dir: Path) 
     """Markdown: models x N tables, valid rate against N, training curves and model internals,
     each picture followed by a short reading (numbers in it are computed from the rows)."""
     from harness.api import latest
-    from tasks.ngram_rules import rule_of
 
     if "config" in history.columns:  # one rule per section: the lag rule's runs when there are any
         rules = history["config"].map(rule_of)
