@@ -36,6 +36,7 @@ import torch
 
 from harness.api import TASKS, Capability, HarnessError, Metric, MetricSpec, ModelAdapter, RunContext, Task
 from harness.api.data import detokenize, load_wikitext_documents, read_text
+from harness.api.heads import aligned_head
 
 
 @dataclass(frozen=True)
@@ -184,7 +185,8 @@ def _batch_scorer(model: ModelAdapter):
     head = getattr(model, "output_head", lambda: None)()
     if head is None or not _split_reproduces_logits(model, head):
         return _score_batch
-    return lambda m, batch: _score_batch_split(m, batch, head)
+    aligned = aligned_head(head)
+    return lambda m, batch: _score_batch_split(m, batch, aligned)
 
 
 def _split_reproduces_logits(model: ModelAdapter, head: torch.nn.Linear) -> bool:

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from transformers import GenerationConfig
 
 from harness.api import MODELS, ArchSpec, Capability, HarnessError, ModelAdapter, ModelInfo, ModelSpec, Weights
+from harness.api.heads import VOCAB_MULTIPLE, AlignedHeadCache
 
 LM_CAPABILITIES = frozenset({Capability.SCORE, Capability.LOGITS, Capability.GENERATE, Capability.TRAIN,
                              Capability.CAUSAL_LM})
@@ -236,6 +237,7 @@ class ScratchCausalLM(HeadSplit, DecoderClassification, ModelAdapter):
         super().__init__(info, module, tokenizer, weights, device)
         if not isinstance(getattr(module, "lm_head", None), nn.Module):  # e.g. GPT-1 multiplies by W_e^T
             self.capabilities = self.capabilities - {Capability.CLASSIFY}
+        self._aligned_heads = AlignedHeadCache()
 
     @property
     def max_length(self) -> int:
@@ -246,7 +248,14 @@ class ScratchCausalLM(HeadSplit, DecoderClassification, ModelAdapter):
         return self.module(input_ids.to(self.device))
 
     def forward(self, module: nn.Module, input_ids: Tensor) -> Tensor:
-        return module(input_ids)
+        """Logits on every position. Without gradients (prefill) and with a vocabulary that is not a
+        multiple of 64 (GPT-2's 50,257), the LM head runs as an aligned, padded copy
+        (`harness.api.heads`): the same logits, returned as a (B, T, vocab) view of the padded ones."""
+        head = getattr(module, "lm_head", None)
+        if torch.is_grad_enabled() or not isinstance(head, nn.Linear) or head.out_features % VOCAB_MULTIPLE == 0:
+            return module(input_ids)
+        hidden = self._final_hidden(module, input_ids, None)
+        return self._aligned_heads.get(head)(hidden)[..., : head.out_features]
 
     def generate_batch(self, idx: Tensor, max_new_tokens: int) -> Tensor:
         """Greedy decode on an inference-time copy whose projections are stored input-major (see

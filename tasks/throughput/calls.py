@@ -96,12 +96,12 @@ class Measurement:
 
 
 def plan(cfg: ThroughputConfig, models: list[ModelAdapter], seed: int) -> list[Measurement]:
-    """Every grid point that all the models can run."""
+    """Every grid point of `cfg.kinds` that all the models can run."""
     max_len = min(m.max_length for m in models)
-    out = prefill_plan(cfg, max_len, seed)
-    if all(m.can(Capability.GENERATE) for m in models):
+    out = prefill_plan(cfg, max_len, seed) if "prefill" in cfg.kinds else []
+    if "decode" in cfg.kinds and all(m.can(Capability.GENERATE) for m in models):
         out += decode_plan(cfg, max_len, seed)
-    if all(m.can(Capability.TRAIN) for m in models):
+    if "train" in cfg.kinds and all(m.can(Capability.TRAIN) for m in models):
         out += train_plan(cfg, max_len, seed)
     return out
 

@@ -8,11 +8,14 @@ from typing import Literal
 from harness.api import HarnessError
 
 NAME = "throughput"
-TOKENS_PER_S = ("prefill_tokens_per_s", "decode_tokens_per_s", "train_tokens_per_s", "ppl_tokens_per_s")
+KINDS = ("prefill", "decode", "train")
+TOKENS_PER_S = ("prefill_tokens_per_s", "decode_tokens_per_s", "train_tokens_per_s", "ppl_tokens_per_s",
+                "ppl_process_tokens_per_s")
 
 
 @dataclass(frozen=True)
 class ThroughputConfig:
+    kinds: tuple[str, ...] = KINDS  # the grid's measurements to time; "none": only the lm-eval comparisons
     batch_sizes: tuple[int, ...] = (1, 4)  # prefill grid: batch sizes
     seq_lens: tuple[int, ...] = (32, 64, 128, 256, 512, 1024)  # prefill grid: lengths (> model max: skipped)
     decode_batch_sizes: tuple[int, ...] = (1, 8)
@@ -30,6 +33,7 @@ class ThroughputConfig:
     lm_eval_docs: int = 2  # WikiText-2 test documents for that comparison
     lm_eval_batch_size: int = 4  # windows per forward pass, the same for both sides
     lm_eval_repeats: int = 1  # timed runs of each side, after one warm-up run each
+    lm_eval_process: bool = False  # also time `harness run --tasks ppl` against the `lm_eval` CLI as whole processes
 
     def __post_init__(self) -> None:
         for key in ("batch_sizes", "seq_lens", "decode_batch_sizes"):
@@ -40,5 +44,7 @@ class ThroughputConfig:
                     "matmul_size", "lm_eval_docs", "lm_eval_batch_size", "lm_eval_repeats"):
             if getattr(self, key) < 1:
                 raise HarnessError(f"throughput.{key}={getattr(self, key)} must be at least 1")
+        if self.kinds != ("none",) and (not self.kinds or not set(self.kinds) <= set(KINDS)):
+            raise HarnessError(f"throughput.kinds={','.join(self.kinds)}: choose from {','.join(KINDS)} (or none)")
         if self.threads < 0 or self.min_sample_s < 0:
             raise HarnessError("throughput.threads and throughput.min_sample_s must not be negative")

@@ -55,17 +55,14 @@ def _ppl_calls(model: CausalLM, reference: CausalLM, cfg: ThroughputConfig, seed
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
-    from transformers import PreTrainedTokenizerFast
 
     from harness.api.data import detokenize, load_wikitext_documents
     from tasks.ppl import Perplexity, PplConfig
 
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # the documents are a local file: never ask the hub
     docs = load_wikitext_documents("test")[: cfg.lm_eval_docs]
-    task_manager = TaskManager(include_path=str(_write_lm_eval_task(docs, tmp)))
-    eot = reference.tokenizer.decode([reference.tokenizer.eot_id])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=reference.tokenizer.backend, eos_token=eot, bos_token=eot)
-    lm = HFLM(pretrained=reference.module, tokenizer=tokenizer, batch_size=cfg.lm_eval_batch_size,
+    task_manager = TaskManager(include_path=str(write_lm_eval_task(docs, tmp)))
+    lm = HFLM(pretrained=reference.module, tokenizer=hf_tokenizer(reference), batch_size=cfg.lm_eval_batch_size,
               device=str(reference.device))
     ppl = Perplexity(PplConfig(batch_size=cfg.lm_eval_batch_size))
     ctx = RunContext(seed, cfg.lm_eval_docs, str(model.device), lambda m: None, lambda it, **kw: it)
@@ -110,7 +107,7 @@ def lm_eval_bars_off() -> Iterator[None]:
             module.tqdm = original
 
 
-def _write_lm_eval_task(docs: list[str], tmp: Path) -> Path:
+def write_lm_eval_task(docs: list[str], tmp: Path) -> Path:
     """lm-eval's own `wikitext` task, reading our vendored documents from a local JSON Lines file."""
     import json
 
@@ -123,3 +120,14 @@ def _write_lm_eval_task(docs: list[str], tmp: Path) -> Path:
         f"dataset_kwargs:\n  data_files:\n    test: {tmp / 'docs.jsonl'}\n"
         "training_split: null\nvalidation_split: null\ntest_split: test\n", encoding="utf-8")
     return tmp
+
+
+def hf_tokenizer(reference: CausalLM):
+    """The reference's tokenizer as lm-eval's HF backend takes it: EOS the end-of-text token, BOS the
+    token our `ppl` conditions the first token on (`prefix_token_id`: the declared BOS, else EOS), so
+    both sides follow the same prefix rule."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = reference.tokenizer
+    return PreTrainedTokenizerFast(tokenizer_object=tok.backend, eos_token=tok.backend.id_to_token(tok.eot_id),
+                                   bos_token=tok.backend.id_to_token(tok.prefix_token_id))

@@ -41,6 +41,7 @@ TARGETS = (
     ("prefill MFU (fraction of measured fp32 matmul peak)", "mfu", "prefill", 0.8),
     ("decode with KV cache vs transformers generate, batch 1", "decode_tokens_per_s_ratio", "decode b=1", 1.5),
     ("ppl tokens/s vs lm-eval's HF backend", "ppl_tokens_per_s_ratio", "ppl", 1.5),
+    ("ppl as whole processes vs the lm_eval CLI (issue 17)", "ppl_process_tokens_per_s_ratio", "ppl", 2.0),
 )
 
 

@@ -16,7 +16,9 @@ interleaved A B M, M B A, ... (a machine that speeds up or slows down mid-run bi
   bf16 matmul where the hardware has native bf16;
 - `mfu`: median model FLOP/s over the best fp32 matmul timed beside it, with the per-token FLOPs of
   Kaplan et al. 2020 (see `flops`);
-- with `throughput.lm_eval=true`: tokens/s of the `ppl` task against lm-eval's HF backend (`lm_eval_ppl`).
+- with `throughput.lm_eval=true`: tokens/s of the `ppl` task against lm-eval's HF backend (`lm_eval_ppl`);
+  with `throughput.lm_eval_process=true`: the same as two whole processes, `harness run` against the
+  `lm_eval` CLI, start-up and loading included (`ppl_process`).
 Values are medians of `repeats` samples taken after `warmup` calls; extra holds q1/q3/min/max and
 the samples. `clock=cpu` times process CPU seconds instead of wall seconds: on a CPU shared with
 other jobs, with threads=1, that is the time the work took, not the time spent waiting for a core.
@@ -43,6 +45,7 @@ from tasks.throughput.calls import Measurement, plan, weight_bytes, weights_read
 from tasks.throughput.config import NAME, TOKENS_PER_S, ThroughputConfig
 from tasks.throughput.flops import bf16_supported, matmul_call, matmul_flops
 from tasks.throughput.lm_eval_ppl import has_lm_eval, ppl_vs_lm_eval
+from tasks.throughput.ppl_process import ppl_processes_vs_lm_eval
 from tasks.throughput.report import throughput_section
 from tasks.throughput.timing import Samples, Timer, machine, summary
 
@@ -77,8 +80,9 @@ class Throughput(Task):
         super().check(model)  # needs CAUSAL_LM: a decoder-only LM whose calls can be timed
         if self.config.clock == "cpu" and model.device.type != "cpu":
             raise HarnessError(f"throughput.clock=cpu times CPU work; on {model.device.type} use throughput.clock=wall")
-        if self.config.lm_eval and model.info.reference is not None and not has_lm_eval():
-            raise HarnessError("throughput.lm_eval=true needs lm-eval (pip install lm-eval)")
+        for key in ("lm_eval", "lm_eval_process"):
+            if getattr(self.config, key) and model.info.reference is not None and not has_lm_eval():
+                raise HarnessError(f"throughput.{key}=true needs lm-eval (pip install lm-eval)")
 
     def run(self, model: ModelAdapter, ctx: RunContext) -> Iterator[Metric]:
         previous = torch.get_num_threads()
@@ -115,7 +119,11 @@ class Throughput(Task):
             ours, theirs = ppl_vs_lm_eval(self, model, reference, ctx.seed)
             yield from ours
             shared += theirs
-        peaks = list(self.peak_rows(model.device, peak_samples))
+        if reference is not None and self.config.lm_eval_process:  # the same, as two whole processes
+            ours, theirs = ppl_processes_vs_lm_eval(self, model, reference, ctx.seed)
+            yield from ours
+            shared += theirs
+        peaks = list(self.peak_rows(model.device, peak_samples)) if steps else []  # nothing timed against a peak
         yield from peaks
         if reference is not None:
             self._for_reference[(reference.name, reference.weights.sha256)] = shared + peaks

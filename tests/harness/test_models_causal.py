@@ -40,3 +40,18 @@ def test_token_logprobs_are_normalised():
     assert torch.allclose(logits.log_softmax(-1).exp().sum(-1), torch.ones(1, 4), atol=1e-5)
     lp = scratch.token_logprobs(ids[:, :-1], ids[:, 1:])
     assert lp.shape == (1, 3) and (lp <= 0).all()
+
+
+def test_prefill_forward_pads_the_head_and_keeps_the_logits():
+    """GPT-2's 50,257-token head runs as an aligned 50,304 copy without gradients (harness.api.heads):
+    the reference's logits to 1e-5, a (B, T, vocab) result, and a fresh copy after a weight update."""
+    scratch, hf, _ = _pair()
+    ids = torch.randint(50257, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fast = scratch.forward(scratch.module, ids)
+        assert fast.shape == (2, 12, 50257)
+        torch.testing.assert_close(fast, hf.forward(hf.module, ids), atol=1e-5, rtol=0)
+        scratch.module.lm_head.weight.mul_(2)  # an in-place update, as an optimiser step makes
+        torch.testing.assert_close(scratch.forward(scratch.module, ids), scratch.module(ids), atol=1e-5, rtol=0)
+    with torch.enable_grad():
+        assert scratch.forward(scratch.module, ids).requires_grad  # training goes through the module itself

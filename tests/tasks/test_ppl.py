@@ -208,3 +208,22 @@ def test_torchrun_two_ranks_give_the_metrics_of_one_process(tmp_path):
     assert len(rows) == len(one) == 4
     for _, row in rows.iterrows():
         assert math.isclose(row["value"], one[row["metric"]].value, rel_tol=1e-5, abs_tol=0), row["metric"]
+
+
+@pytest.mark.parametrize("vocab,bias", [(50257, False), (1000, True), (128, False)])
+def test_aligned_head_scores_every_target_as_the_head_does(vocab, bias):
+    import torch
+
+    from harness.api.heads import VOCAB_MULTIPLE, aligned_head
+    from tasks.ppl import target_logprobs
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(48, vocab, bias=bias)
+    aligned = aligned_head(head)
+    assert aligned.out_features % VOCAB_MULTIPLE == 0 and aligned.out_features - vocab < VOCAB_MULTIPLE
+    assert (aligned is head) == (vocab % VOCAB_MULTIPLE == 0)
+    hidden, targets = torch.randn(37, 48), torch.randint(vocab, (37,))
+    with torch.inference_mode():
+        want, got = target_logprobs(hidden, head, targets), target_logprobs(hidden, aligned, targets)
+        assert torch.isneginf(aligned(hidden)[:, vocab:]).all()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

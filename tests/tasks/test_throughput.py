@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -108,10 +110,27 @@ def test_tuple_grids_parse_from_set_values():
 
 
 @pytest.mark.parametrize("overrides", [{"batch_sizes": "0,1"}, {"seq_lens": ","}, {"repeats": "0"},
-                                       {"threads": "-1"}], ids=["zero-batch", "empty-grid", "no-repeats", "threads"])
+                                       {"threads": "-1"}, {"kinds": "prefill,ppl"}],
+                         ids=["zero-batch", "empty-grid", "no-repeats", "threads", "unknown-kind"])
 def test_bad_grids_are_one_line_errors(overrides):
     with pytest.raises(HarnessError, match="throughput"):
         make_config(TASKS.get("throughput"), overrides)
+
+
+def test_kinds_choose_the_grid_measurements():
+    from tasks.throughput.calls import plan
+
+    cfg = make_config(TASKS.get("throughput"), {**TINY_GRID, "kinds": "decode,train"})
+    model = _Stub()
+    assert {m.kind for m in plan(cfg, [model], 0)} == {"decode", "train"}
+    assert plan(make_config(TASKS.get("throughput"), {"kinds": "none"}), [model], 0) == []
+
+
+class _Stub:
+    max_length = 64
+
+    def can(self, capability):
+        return True
 
 
 def test_flops_per_token_counts_the_unembedding_once():
@@ -157,6 +176,30 @@ def test_ppl_against_lm_eval_scores_the_same_documents(tmp_path, capfd):
     assert math.isclose(ours.extra["word_perplexity_ours"], ours.extra["word_perplexity_lm_eval"], rel_tol=1e-4)
     assert any(r.metric == "ppl_tokens_per_s_ratio" for r in rows)
     assert any(r.metric == "ppl_tokens_per_s" and r.model == "gpt2-hf" for r in rows)
+
+
+@pytest.mark.slow
+def test_ppl_as_whole_processes_runs_both_clis_on_the_same_documents(tmp_path):
+    """`harness run` and the `lm_eval` CLI as child processes (1-2 min): both score the same text."""
+    pytest.importorskip("lm_eval")
+    rows = _run(tmp_path, ["gpt2-scratch", "gpt2-hf"], kinds="none", lm_eval_process="true", lm_eval_docs="1").rows
+    assert {r.metric for r in rows} == {"ppl_process_tokens_per_s", "ppl_process_tokens_per_s_ratio"}
+    ours = next(r for r in rows if r.metric == "ppl_process_tokens_per_s" and r.model == "gpt2-scratch")
+    assert math.isclose(ours.extra["word_perplexity_ours"], ours.extra["word_perplexity_lm_eval"], rel_tol=1e-4)
+    assert ours.extra["command"].startswith("harness run --model gpt2-scratch --weights random:tiny --seed 0")
+    theirs = next(r for r in rows if r.metric == "ppl_process_tokens_per_s" and r.model == "gpt2-hf")
+    assert theirs.extra["command"].startswith("lm_eval run --model hf --model_args pretrained=REFERENCE_DIR")
+    ratio = next(r for r in rows if r.metric == "ppl_process_tokens_per_s_ratio")
+    assert math.isclose(ratio.extra["value"], ours.value) and math.isclose(ratio.extra["reference_value"], theirs.value)
+
+
+def test_a_failing_child_process_is_one_line(tmp_path):
+    from tasks.throughput.ppl_process import run_timed
+
+    argv = [sys.executable, "-c", "import sys; print('first', file=sys.stderr); sys.exit('the real cause')"]
+    with pytest.raises(HarnessError, match="exited 1: the real cause$"):
+        run_timed(argv, dict(os.environ), "wall")
+    assert run_timed([sys.executable, "-c", "pass"], dict(os.environ), "cpu") >= 0
 
 
 def test_batch_one_decode_has_a_memory_roofline(pair_run):
