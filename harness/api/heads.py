@@ -15,8 +15,10 @@ import weakref
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 VOCAB_MULTIPLE = 64
+MIN_ROWS = 256  # fewest positions for which a prefill takes the aligned head (below, the GEMM is small)
 
 
 def aligned_head(head: nn.Linear) -> nn.Linear:
@@ -36,17 +38,36 @@ def aligned_head(head: nn.Linear) -> nn.Linear:
     return out
 
 
+_optimizer_steps = 0
+
+
+def _count_step(*_args) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_step)
+
+
+def weights_state(tensors) -> tuple:
+    """Changes whenever any of `tensors` may have changed: their storage, their version counters
+    (bumped by in-place ops), and the number of optimiser steps taken anywhere in the process (fused
+    AdamW updates parameters without bumping `Tensor._version`)."""
+    tensors = list(tensors)
+    return (_optimizer_steps, tuple(t.data_ptr() for t in tensors), sum(t._version for t in tensors))
+
+
 class AlignedHeadCache:
-    """The aligned copy of the last head asked for, rebuilt when that is another weight tensor or the
-    same one changed in place (an optimiser step bumps its version)."""
+    """The aligned copy of the last head asked for, rebuilt when that is another weight tensor or
+    `weights_state` says it may have changed."""
 
     def __init__(self) -> None:
         self._weight: weakref.ref | None = None
-        self._version = -1
+        self._state: tuple | None = None
         self._head: nn.Linear | None = None
 
     def get(self, head: nn.Linear) -> nn.Linear:
-        weight = head.weight
-        if self._weight is None or self._weight() is not weight or self._version != weight._version:
-            self._weight, self._version, self._head = weakref.ref(weight), weight._version, aligned_head(head)
+        weight, state = head.weight, weights_state([head.weight, *([] if head.bias is None else [head.bias])])
+        if self._weight is None or self._weight() is not weight or self._state != state:
+            self._weight, self._state, self._head = weakref.ref(weight), state, aligned_head(head)
         return self._head

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from transformers import GenerationConfig
 
 from harness.api import MODELS, ArchSpec, Capability, HarnessError, ModelAdapter, ModelInfo, ModelSpec, Weights
-from harness.api.heads import VOCAB_MULTIPLE, AlignedHeadCache
+from harness.api.heads import MIN_ROWS, VOCAB_MULTIPLE, AlignedHeadCache, weights_state
 
 LM_CAPABILITIES = frozenset({Capability.SCORE, Capability.LOGITS, Capability.GENERATE, Capability.TRAIN,
                              Capability.CAUSAL_LM})
@@ -248,11 +248,13 @@ class ScratchCausalLM(HeadSplit, DecoderClassification, ModelAdapter):
         return self.module(input_ids.to(self.device))
 
     def forward(self, module: nn.Module, input_ids: Tensor) -> Tensor:
-        """Logits on every position. Without gradients (prefill) and with a vocabulary that is not a
-        multiple of 64 (GPT-2's 50,257), the LM head runs as an aligned, padded copy
-        (`harness.api.heads`): the same logits, returned as a (B, T, vocab) view of the padded ones."""
+        """Logits on every position. Without gradients (prefill), for at least `MIN_ROWS` positions and
+        a vocabulary that is not a multiple of 64 (GPT-2's 50,257), the LM head runs as an aligned,
+        padded copy (`harness.api.heads`, kept until the weights change): the same logits, returned as
+        a (B, T, vocab) view of the padded ones."""
         head = getattr(module, "lm_head", None)
-        if torch.is_grad_enabled() or not isinstance(head, nn.Linear) or head.out_features % VOCAB_MULTIPLE == 0:
+        if (torch.is_grad_enabled() or not isinstance(head, nn.Linear) or head.out_features % VOCAB_MULTIPLE == 0
+                or input_ids.numel() < MIN_ROWS):
             return module(input_ids)
         hidden = self._final_hidden(module, input_ids, None)
         return self._aligned_heads.get(head)(hidden)[..., : head.out_features]
@@ -260,7 +262,7 @@ class ScratchCausalLM(HeadSplit, DecoderClassification, ModelAdapter):
     def generate_batch(self, idx: Tensor, max_new_tokens: int) -> Tensor:
         """Greedy decode on an inference-time copy whose projections are stored input-major (see
         `input_major_copy`); the module itself, shared with training and parity, is untouched."""
-        version = sum(p._version for p in self.module.parameters())  # in-place updates since the copy
+        version = weights_state(self.module.parameters())  # in-place updates and optimiser steps since the copy
         if getattr(self, "_decode_copy", (None, None))[1] != version:
             self._decode_copy = (input_major_copy(self.module), version)
         out = self._decode_copy[0].generate(idx, max_new_tokens, temperature=0.0)

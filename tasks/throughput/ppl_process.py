@@ -1,11 +1,11 @@
 """`throughput.lm_eval_process=true`: the `ppl` comparison of `lm_eval_ppl`, but as two whole processes,
 the way a user would run either tool from a shell:
 
-- ours: `python -m harness run --model M --weights W --seed S --tasks ppl --limit D --set ppl.batch_size=B`
+- ours: `python -m harness run --model M --weights W --seed S --device D --tasks ppl --limit N --set ppl.batch_size=B`
   (a throwaway results directory);
 - theirs: `python -m lm_eval run --model hf --model_args pretrained=DIR,dtype=float32 --tasks
   wikitext_local --batch_size B --device cpu` on the reference's weights saved as a Hugging Face
-  directory (`save_pretrained`), with lm-eval's own `wikitext` task reading the same D documents.
+  directory (`save_pretrained`), with lm-eval's own `wikitext` task reading the same N documents.
 
 Each sample is one process from spawn to exit: Python start-up, imports, loading the weights and
 tokenising are inside it, as they are for a user. Wall seconds (`clock=wall`) or the child's CPU
@@ -42,7 +42,8 @@ def ppl_processes_vs_lm_eval(task: Throughput, model: CausalLM, reference: Causa
     """(rows for the scratch model, rows for the reference): whole-process ppl tokens/s, ours vs lm-eval's."""
     cfg = task.config
     with tempfile.TemporaryDirectory() as tmp:
-        commands, outputs, tokens = _commands(model, reference, cfg, seed, Path(tmp))
+        commands, tokens = _commands(model, reference, cfg, seed, Path(tmp))
+        outputs: dict[str, float] = {}
         env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1",
                "TRANSFORMERS_VERBOSITY": "error"}
         if cfg.threads:
@@ -80,7 +81,7 @@ class Command:
 
 
 def _commands(model: CausalLM, reference: CausalLM, cfg: ThroughputConfig, seed: int, tmp: Path):
-    """Both commands, a dict for the perplexities they report and the number of tokens they score."""
+    """Both commands and the number of tokens they score."""
     from harness.api.data import detokenize, load_wikitext_documents
 
     docs = load_wikitext_documents("test")[: cfg.lm_eval_docs]
@@ -90,7 +91,7 @@ def _commands(model: CausalLM, reference: CausalLM, cfg: ThroughputConfig, seed:
     hf_tokenizer(reference).save_pretrained(ref_dir)
     batch = str(cfg.lm_eval_batch_size)
     ours = ["run", "--model", model.name, *(["--reference", reference.name] if ":" in model.name else []),
-            "--weights", model.weights.identity, "--seed", str(seed), "--tasks", "ppl",
+            "--weights", model.weights.identity, "--seed", str(seed), "--device", model.device.type, "--tasks", "ppl",
             "--limit", str(cfg.lm_eval_docs), "--set", f"ppl.batch_size={batch}"]
 
     def theirs(model_dir: object, task_dir: object) -> list[str]:
@@ -105,7 +106,7 @@ def _commands(model: CausalLM, reference: CausalLM, cfg: ThroughputConfig, seed:
                         lambda: _read_ours(ours_dir)),
         "lm_eval": Command([py, "-m", "lm_eval", *theirs(ref_dir, tmp), "--output_path", str(theirs_out)],
                            ["lm_eval", *theirs("REFERENCE_DIR", "TASK_DIR")], lambda: _read_theirs(theirs_out)),
-    }, {}, tokens
+    }, tokens
 
 
 def run_timed(argv: list[str], env: dict[str, str], clock: str) -> float:

@@ -44,14 +44,33 @@ def test_token_logprobs_are_normalised():
 
 def test_prefill_forward_pads_the_head_and_keeps_the_logits():
     """GPT-2's 50,257-token head runs as an aligned 50,304 copy without gradients (harness.api.heads):
-    the reference's logits to 1e-5, a (B, T, vocab) result, and a fresh copy after a weight update."""
+    the reference's logits to 1e-5, a (B, T, vocab) result, and (like the decode copy) the current weights
+    after a fused AdamW step, which does not bump the parameters' version counters."""
+    from harness.api.heads import MIN_ROWS
+
     scratch, hf, _ = _pair()
-    ids = torch.randint(50257, (2, 12), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(50257, (MIN_ROWS // 32, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         fast = scratch.forward(scratch.module, ids)
-        assert fast.shape == (2, 12, 50257)
+        assert fast.shape == (*ids.shape, 50257) and fast.stride(-2) == 50304  # the padded GEMM ran
         torch.testing.assert_close(fast, hf.forward(hf.module, ids), atol=1e-5, rtol=0)
-        scratch.module.lm_head.weight.mul_(2)  # an in-place update, as an optimiser step makes
+    opt = torch.optim.AdamW(scratch.module.parameters(), lr=1e-2, fused=True)
+    scratch.module(ids[:, :8]).logsumexp(-1).mean().backward()
+    opt.step()
+    with torch.no_grad():
         torch.testing.assert_close(scratch.forward(scratch.module, ids), scratch.module(ids), atol=1e-5, rtol=0)
-    with torch.enable_grad():
-        assert scratch.forward(scratch.module, ids).requires_grad  # training goes through the module itself
+    assert scratch.forward(scratch.module, ids).requires_grad  # with gradients: the module itself
+
+
+def test_the_decode_copy_follows_a_fused_adamw_step():
+    spec = MODELS.get("gpt2-scratch")
+    scratch = spec.build(load_weights(spec.arch, "random:tiny", seed=0), "cpu")
+    prompt = torch.tensor([[1, 2, 3, 4]])
+    before = scratch.generate_batch(prompt, 6)  # builds the input-major decode copy
+    opt = torch.optim.AdamW(scratch.module.parameters(), lr=1.0, fused=True)
+    scratch.module(prompt).logsumexp(-1).mean().backward()
+    opt.step()
+    with torch.no_grad():
+        want = scratch.module.generate(prompt, 6, temperature=0.0)
+    assert not torch.equal(want, before)  # the step changed what greedy decoding picks
+    assert torch.equal(scratch.generate_batch(prompt, 6), want)

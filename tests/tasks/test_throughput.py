@@ -186,7 +186,8 @@ def test_ppl_as_whole_processes_runs_both_clis_on_the_same_documents(tmp_path):
     assert {r.metric for r in rows} == {"ppl_process_tokens_per_s", "ppl_process_tokens_per_s_ratio"}
     ours = next(r for r in rows if r.metric == "ppl_process_tokens_per_s" and r.model == "gpt2-scratch")
     assert math.isclose(ours.extra["word_perplexity_ours"], ours.extra["word_perplexity_lm_eval"], rel_tol=1e-4)
-    assert ours.extra["command"].startswith("harness run --model gpt2-scratch --weights random:tiny --seed 0")
+    want = "harness run --model gpt2-scratch --weights random:tiny --seed 0 --device cpu --tasks ppl --limit 1"
+    assert ours.extra["command"].startswith(want)
     theirs = next(r for r in rows if r.metric == "ppl_process_tokens_per_s" and r.model == "gpt2-hf")
     assert theirs.extra["command"].startswith("lm_eval run --model hf --model_args pretrained=REFERENCE_DIR")
     ratio = next(r for r in rows if r.metric == "ppl_process_tokens_per_s_ratio")
