@@ -12,6 +12,7 @@ from reproductions.charlm import (
     NeuralNGramConfig,
     NGramConfig,
     RNNConfig,
+    _Cell,
     build_model,
     char_vocab,
     decode,
@@ -166,6 +167,23 @@ def test_cells_match_torch(ours, theirs):
         torch.testing.assert_close(cell(x, (h, c)), ref(x, (h, c)))
     else:
         torch.testing.assert_close(cell(x, (h,))[0], ref(x, h))
+
+
+@pytest.mark.parametrize("cell_class", [ElmanCell, LSTMCell, GRUCell], ids=["rnn", "lstm", "gru"])
+def test_each_cells_scan_is_the_plain_loop(cell_class):
+    """The hoisted-projection scan of each cell = one call of the cell per position, values and grads."""
+    torch.manual_seed(0)
+    cell = cell_class(6, 5).double()
+    x = torch.randn(3, 7, 6, dtype=torch.double, requires_grad=True)
+    state = tuple(torch.randn(3, 5, dtype=torch.double) for _ in cell.init_state(3))
+    runs = []
+    for scan in (cell.scan, lambda x, s: _Cell.scan(cell, x, s)):
+        hidden = scan(x, state)
+        grads = torch.autograd.grad(hidden.square().sum(), [x, *cell.parameters()])
+        runs.append((hidden, grads))
+    torch.testing.assert_close(runs[0][0], runs[1][0], rtol=0, atol=1e-12)
+    for ours, plain in zip(runs[0][1], runs[1][1]):
+        torch.testing.assert_close(ours, plain, rtol=0, atol=1e-12)
 
 
 # ---- training ------------------------------------------------------------------------------------
