@@ -12,6 +12,8 @@ tokens' logits are the same products of the same rows.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable, Iterable
+from typing import Generic, TypeVar
 
 import torch
 from torch import nn
@@ -19,6 +21,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 VOCAB_MULTIPLE = 64
 MIN_ROWS = 256  # fewest positions for which a prefill takes the aligned head (below, the GEMM is small)
+S, D = TypeVar("S"), TypeVar("D")
 
 
 def aligned_head(head: nn.Linear) -> nn.Linear:
@@ -57,17 +60,24 @@ def weights_state(tensors) -> tuple:
     return (_optimizer_steps, tuple(t.data_ptr() for t in tensors), sum(t._version for t in tensors))
 
 
-class AlignedHeadCache:
-    """The aligned copy of the last head asked for, rebuilt when that is another weight tensor or
-    `weights_state` says it may have changed."""
+class DerivedCache(Generic[S, D]):
+    """The last value derived from a source (an aligned head from an `nn.Linear`, a decode copy from
+    a module), rebuilt when asked for another source object or when `weights_state` of the source's
+    tensors says they may have changed. Holds the source weakly."""
 
-    def __init__(self) -> None:
-        self._weight: weakref.ref | None = None
+    def __init__(self, build: Callable[[S], D], tensors: Callable[[S], Iterable[torch.Tensor]]) -> None:
+        self._build, self._tensors = build, tensors
+        self._source: weakref.ref | None = None
         self._state: tuple | None = None
-        self._head: nn.Linear | None = None
+        self._value: D | None = None
 
-    def get(self, head: nn.Linear) -> nn.Linear:
-        weight, state = head.weight, weights_state([head.weight, *([] if head.bias is None else [head.bias])])
-        if self._weight is None or self._weight() is not weight or self._state != state:
-            self._weight, self._state, self._head = weakref.ref(weight), state, aligned_head(head)
-        return self._head
+    def get(self, source: S) -> D:
+        state = weights_state(self._tensors(source))
+        if self._source is None or self._source() is not source or self._state != state:
+            self._source, self._state, self._value = weakref.ref(source), state, self._build(source)
+        return self._value
+
+
+def aligned_head_cache() -> DerivedCache[nn.Linear, nn.Linear]:
+    """`aligned_head` of the last head asked for, kept until its weight or bias may have changed."""
+    return DerivedCache(aligned_head, lambda head: [p for p in (head.weight, head.bias) if p is not None])

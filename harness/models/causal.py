@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from transformers import GenerationConfig
 
 from harness.api import MODELS, ArchSpec, Capability, HarnessError, ModelAdapter, ModelInfo, ModelSpec, Weights
-from harness.api.heads import MIN_ROWS, VOCAB_MULTIPLE, AlignedHeadCache, weights_state
+from harness.api.heads import MIN_ROWS, VOCAB_MULTIPLE, DerivedCache, aligned_head_cache
 
 LM_CAPABILITIES = frozenset({Capability.SCORE, Capability.LOGITS, Capability.GENERATE, Capability.TRAIN,
                              Capability.CAUSAL_LM})
@@ -104,19 +104,22 @@ class HeadSplit:
 
 
 class InputMajorLinear(nn.Module):
-    """`nn.Linear` for decoding: a single row of input (batch-1 decode) is multiplied by the weight stored
-    (in, out), as transformers' GPT-2 `Conv1D` stores it, which MKL's sgemm streams faster than x @ W^T
-    (SmolLM2's 576 x 49,152 head: 7.4 ms against 14.6 ms); several rows (batched decode) by the original
-    (out, in) weight, which is then the faster one (the same head at 4 rows: 38 ms against 50 ms; GPT-2's
-    768 -> 3,072 at 8 rows: 2.3 ms against 3.9 ms; docs/throughput.md). Same arithmetic; an
-    inference-time copy of the weight, the original shared."""
+    """`nn.Linear` for decoding. A single row of input (batch-1 decode) is a matrix-vector product that
+    streams the weight from memory; MKL's sgemm streams an (in, out) copy (transformers' GPT-2 `Conv1D`
+    layout) faster when out >= in (SmolLM2's 576 -> 49,152 head: 16.4 against 8.4 GB/s; GPT-2's 768 ->
+    3,072: 15.3 against 10.8) and the original (out, in) one when in > out (GPT-2's 3,072 -> 768: 13.2
+    against 11.3; SmolLM2's 1,536 -> 576: 11.7 against 8.8), so the copy is kept only where it is the
+    faster. Several rows (batched decode) always use the original (out, in) weight, then the faster one
+    (the SmolLM2 head at 4 rows: 38 ms against 50 ms; GPT-2's 768 -> 3,072 at 8 rows: 2.3 ms against
+    3.9 ms; docs/throughput.md). Same arithmetic; the original weight is shared with the module."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
-        self.weight_t = linear.weight.detach().t().contiguous()  # (in, out)
         self.weight_oi = linear.weight.detach()  # (out, in), shared with the module
-        self.bias = None if linear.bias is None else linear.bias.detach()
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        input_major = self.out_features >= self.in_features
+        self.weight_t = self.weight_oi.t().contiguous() if input_major else None  # (in, out)
+        self.bias = None if linear.bias is None else linear.bias.detach()
 
     @property
     def weight(self) -> Tensor:  # (out, in), for code that reads the dtype or device
@@ -124,7 +127,7 @@ class InputMajorLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1, self.in_features)
-        if flat.size(0) > 1:
+        if flat.size(0) > 1 or self.weight_t is None:
             y = torch.nn.functional.linear(flat, self.weight_oi, self.bias)
         else:
             y = flat @ self.weight_t if self.bias is None else torch.addmm(self.bias, flat, self.weight_t)
@@ -133,7 +136,7 @@ class InputMajorLinear(nn.Module):
 
 def input_major_copy(module: nn.Module) -> nn.Module:
     """A copy of `module` for decoding that shares every parameter but holds each `nn.Linear` as an
-    `InputMajorLinear` (one extra copy of the projection weights; tied embeddings stay shared)."""
+    `InputMajorLinear` (an extra copy of the projections with out >= in; tied embeddings stay shared)."""
     fast = copy.deepcopy(module, memo={id(t): t for t in [*module.parameters(), *module.buffers()]})
     for parent in list(fast.modules()):
         for name, child in list(parent.named_children()):
@@ -237,7 +240,9 @@ class ScratchCausalLM(HeadSplit, DecoderClassification, ModelAdapter):
         super().__init__(info, module, tokenizer, weights, device)
         if not isinstance(getattr(module, "lm_head", None), nn.Module):  # e.g. GPT-1 multiplies by W_e^T
             self.capabilities = self.capabilities - {Capability.CLASSIFY}
-        self._aligned_heads = AlignedHeadCache()
+        self._aligned_heads = aligned_head_cache()
+        # in-place updates and optimiser steps since the copy rebuild it
+        self._decode_copies = DerivedCache(input_major_copy, lambda module: module.parameters())
 
     @property
     def max_length(self) -> int:
@@ -262,10 +267,7 @@ class ScratchCausalLM(HeadSplit, DecoderClassification, ModelAdapter):
     def generate_batch(self, idx: Tensor, max_new_tokens: int) -> Tensor:
         """Greedy decode on an inference-time copy whose projections are stored input-major (see
         `input_major_copy`); the module itself, shared with training and parity, is untouched."""
-        version = weights_state(self.module.parameters())  # in-place updates and optimiser steps since the copy
-        if getattr(self, "_decode_copy", (None, None))[1] != version:
-            self._decode_copy = (input_major_copy(self.module), version)
-        out = self._decode_copy[0].generate(idx, max_new_tokens, temperature=0.0)
+        out = self._decode_copies.get(self.module).generate(idx, max_new_tokens, temperature=0.0)
         return _exact_length(self, idx, out, max_new_tokens)
 
     def generate(self, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=0):

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -54,11 +55,31 @@ def decode_weights(module: torch.nn.Module) -> list[torch.Tensor]:
 
 def weights_read_call(model: CausalLM) -> Callable[[], None]:
     """One matrix-vector product with each decode weight: reads every weight byte of a decode step
-    once, with the same kernel class (one row of input), nothing else. Its time is the memory roofline
-    of batch-1 decode (bytes of weights per token / measured bandwidth)."""
-    weights = [w.detach() for w in decode_weights(model.module)]
-    xs = [torch.ones(1, w.shape[1], dtype=w.dtype, device=w.device) for w in weights]
-    return torch.no_grad()(lambda: [F.linear(x, w) for x, w in zip(xs, weights)])
+    once, with one row of input, nothing else. Its time is the memory roofline of batch-1 decode
+    (bytes of weights per token / measured bandwidth). Each weight is read in whichever layout streams
+    it faster here, (out, in) or a contiguous (in, out) copy (`fastest_layout`), so the roofline is the
+    best this kernel class does on this machine, not the layout a decode happens to use."""
+    reads = [fastest_layout(w.detach()) for w in decode_weights(model.module)]
+    return torch.no_grad()(lambda: [read() for read in reads])
+
+
+def fastest_layout(weight: torch.Tensor, probes: int = 3) -> Callable[[], torch.Tensor]:
+    """x @ W^T for one row x, on `weight` (out, in) or on a contiguous (in, out) copy, whichever was the
+    faster of `probes` timings each (wall clock; the choice only picks the kernel, not a number)."""
+    x = torch.ones(1, weight.shape[1], dtype=weight.dtype, device=weight.device)
+    transposed = weight.t().contiguous()
+    calls = [lambda: F.linear(x, weight), lambda: x @ transposed]
+    best = [min(_seconds(call, weight.device) for _ in range(probes)) for call in calls]
+    return calls[0] if best[0] <= best[1] else calls[1]  # the other (and its tensor) is dropped
+
+
+def _seconds(call: Callable[[], torch.Tensor], device: torch.device) -> float:
+    start = time.perf_counter()
+    with torch.no_grad():
+        call()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
 
 
 def weight_bytes(model: CausalLM) -> int:

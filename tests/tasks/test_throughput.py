@@ -208,6 +208,7 @@ def test_batch_one_decode_has_a_memory_roofline(pair_run):
     from tasks.throughput.calls import decode_weights
 
     _, rows = pair_run
+    read_bytes = []
     for model in ("gpt2-scratch", "gpt2-hf"):
         by = _by(rows, model)
         sub = "decode b=1 prompt=4 new=4"
@@ -215,10 +216,13 @@ def test_batch_one_decode_has_a_memory_roofline(pair_run):
         bandwidth = by[sub, "memory_bandwidth_bytes_per_s"]
         assert roofline.value > 0 and fraction.value > 0
         assert math.isclose(bandwidth.value, roofline.value * roofline.extra["weight_bytes_per_token"])
+        read_bytes.append(roofline.extra["weight_bytes_per_token"])
         assert ("decode b=2 prompt=4 new=4", "decode_roofline") not in by  # batch 1 only
     cfg = GPT2Config.from_name("tiny")
     weights = decode_weights(GPT2(cfg))
     assert sum(w.numel() for w in weights) == 2 * (4 * 32 * 32 + 8 * 32 * 32) + 1000 * 32  # blocks + tied head
+    # one read of the scratch model's weights, which the reference shares (HF's Conv1D is no nn.Linear)
+    assert read_bytes[0] == read_bytes[1]
 
 
 def test_decode_copy_is_input_major_and_decodes_the_same_tokens():
@@ -229,7 +233,10 @@ def test_decode_copy_is_input_major_and_decodes_the_same_tokens():
     model = spec.build(load_weights(spec.arch, "random:tiny", seed=0), "cpu")
     x = torch.randint(0, 1000, (3, 5), generator=torch.Generator().manual_seed(0))
     assert torch.equal(model.generate_batch(x, 6), model.module.generate(x, 6, temperature=0.0))
-    copy = model._decode_copy[0]
+    assert torch.equal(model.generate_batch(x[:1], 6), model.module.generate(x[:1], 6, temperature=0.0))  # 1 row
+    copy = model._decode_copies.get(model.module)
+    mlp = copy.transformer.h[0].mlp  # 32 -> 128 streams faster input-major, 128 -> 32 as (out, in)
+    assert mlp.c_fc.weight_t is not None and mlp.c_proj.weight_t is None
     assert all(not isinstance(m, torch.nn.Linear) for m in copy.modules())
     assert any(isinstance(m, InputMajorLinear) for m in copy.modules())
     assert copy.transformer.wte.weight is model.module.transformer.wte.weight  # shared, not copied
@@ -248,3 +255,10 @@ def test_lm_eval_bars_are_off_inside_and_restored_after():
     with lm_eval_bars_off():
         assert all(m.tqdm(range(3), disable=False).disable for m in modules)  # an explicit False is overridden
     assert [m.tqdm for m in modules] == before
+
+
+def test_the_roofline_reads_each_weight_in_either_layout_with_the_same_product():
+    from tasks.throughput.calls import fastest_layout
+
+    w = torch.randn(48, 20, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(fastest_layout(w)(), torch.ones(1, 20) @ w.t(), rtol=1e-6, atol=1e-6)
