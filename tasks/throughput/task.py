@@ -114,7 +114,7 @@ class Throughput(Task):
             yield from self.roofline_rows(m, model, samples)
             if reference is not None:
                 shared += self.rows(m, reference, samples, peak, None, beside=model.name)
-                shared += self.roofline_rows(m, reference, samples, beside=model.name, read=model)
+                shared += self.roofline_rows(m, reference, samples, beside=model.name, read_from=model)
         if reference is not None and self.config.lm_eval:  # a scratch model: ppl against lm-eval's HF backend
             ours, theirs = ppl_vs_lm_eval(self, model, reference, ctx.seed)
             yield from ours
@@ -173,14 +173,14 @@ class Throughput(Task):
         return out + self.memory_rows(m, ours, samples[reference.name] if reference else None, reference, beside)
 
     def roofline_rows(self, m: Measurement, model: ModelAdapter, samples: dict[str, Samples],
-                      beside: str | None = None, read: ModelAdapter | None = None) -> list[Metric]:
+                      beside: str | None = None, read_from: ModelAdapter | None = None) -> list[Metric]:
         """Batch-1 decode against its memory roofline: one token must read every decode weight once
         (`weight_bytes`), so tokens/s <= bandwidth / bytes, with the bandwidth measured by the
         matrix-vector products of `weights_read_call` timed beside the decode calls, on the weights of
-        `read` (the scratch model of a pair, whose weights the reference shares; default `model`)."""
+        `read_from` (the scratch model of a pair, whose weights the reference shares; default `model`)."""
         if WEIGHTS_READ not in samples:
             return []
-        nbytes = weight_bytes((read or model).require(CausalLM, task=self.name))
+        nbytes = weight_bytes((read_from or model).require(CausalLM, task=self.name))
         read = samples[WEIGHTS_READ].seconds
         roofline = summary([1 / s for s in read])
         decode = summary([m.extra["new_tokens"] / s for s in samples[model.name].seconds])
