@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from harness.api import Capability
 from tasks.throughput.config import ThroughputConfig
 from tasks.throughput.flops import model_flops_per_token
+from tasks.throughput.timing import Timer
 
 if TYPE_CHECKING:
     from harness.api import CausalLM, ModelAdapter
@@ -69,17 +69,9 @@ def fastest_layout(weight: torch.Tensor, probes: int = 3) -> Callable[[], torch.
     x = torch.ones(1, weight.shape[1], dtype=weight.dtype, device=weight.device)
     transposed = weight.t().contiguous()
     calls = [lambda: F.linear(x, weight), lambda: x @ transposed]
-    best = [min(_seconds(call, weight.device) for _ in range(probes)) for call in calls]
+    timer = Timer(weight.device)  # wall clock, the device synchronised
+    best = [min(timer.seconds(call) for _ in range(probes)) for call in calls]
     return calls[0] if best[0] <= best[1] else calls[1]  # the other (and its tensor) is dropped
-
-
-def _seconds(call: Callable[[], torch.Tensor], device: torch.device) -> float:
-    start = time.perf_counter()
-    with torch.no_grad():
-        call()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
 
 
 def weight_bytes(model: CausalLM) -> int:

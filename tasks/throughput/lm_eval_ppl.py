@@ -37,15 +37,28 @@ def ppl_vs_lm_eval(task: Throughput, model: CausalLM, reference: CausalLM,
         timer = replace(task.timer(model.device), warmup=1, repeats=cfg.lm_eval_repeats, min_sample_s=0.0)
         samples = timer.interleaved({"ours": lambda: ours_call, "lm_eval": lambda: theirs_call})
     subtask = f"ppl wikitext-2 test docs={cfg.lm_eval_docs} b={cfg.lm_eval_batch_size}"
-    ours, theirs = (summary([tokens / s for s in samples[k].seconds]) for k in ("ours", "lm_eval"))
-    ratio = summary([t / o for o, t in zip(samples["ours"].seconds, samples["lm_eval"].seconds)])
     check = {"tokens": tokens, "word_perplexity_ours": outputs["ours"],
              "word_perplexity_lm_eval": outputs["lm_eval"]}
-    mine = [task.metric("ppl_tokens_per_s", ours["median"], subtask=subtask, extra={
-                **check, "scorer": "harness ppl task", "ratio_vs_reference": ratio["median"], **machine()}),
-            task.ratio_row("ppl_tokens_per_s_ratio", subtask, ratio, reference, ours["median"], theirs["median"])]
-    rows_theirs = [task.metric("ppl_tokens_per_s", theirs["median"], subtask=subtask, extra={
-        **check, "scorer": "lm_eval.simple_evaluate + HFLM", "measured_beside": model.name, **machine()})]
+    return comparison_rows(task, "ppl_tokens_per_s", subtask, {k: samples[k].seconds for k in samples}, check,
+                           {"ours": {"scorer": "harness ppl task"},
+                            "lm_eval": {"scorer": "lm_eval.simple_evaluate + HFLM"}}, model, reference)
+
+
+def comparison_rows(task: Throughput, metric: str, subtask: str, seconds: dict[str, list[float]], check: dict,
+                    extra: dict[str, dict], model: CausalLM, reference: CausalLM,
+                    counted: bool = False) -> tuple[list[Metric], list[Metric]]:
+    """(rows for the scratch model, rows for the reference) of one ppl comparison: tokens/s of each side
+    (`seconds["ours"]`, `seconds["lm_eval"]`, samples taken in pairs) and the ratio, with `check` and
+    each side's own `extra` in the rows; `counted`: each tokens/s row's n is its number of samples."""
+    tokens = check["tokens"]
+    ours, theirs = (summary([tokens / s for s in seconds[k]]) for k in ("ours", "lm_eval"))
+    ratio = summary([t / o for o, t in zip(seconds["ours"], seconds["lm_eval"])])
+    n = {k: len(seconds[k]) if counted else None for k in ("ours", "lm_eval")}
+    mine = [task.metric(metric, ours["median"], subtask=subtask, n=n["ours"], extra={
+                **check, **extra["ours"], "ratio_vs_reference": ratio["median"], **machine()}),
+            task.ratio_row(f"{metric}_ratio", subtask, ratio, reference, ours["median"], theirs["median"])]
+    rows_theirs = [task.metric(metric, theirs["median"], subtask=subtask, n=n["lm_eval"], extra={
+        **check, **extra["lm_eval"], "measured_beside": model.name, **machine()})]
     return mine, rows_theirs
 
 

@@ -28,8 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from harness.api import HarnessError, Metric
-from tasks.throughput.lm_eval_ppl import hf_tokenizer, write_lm_eval_task
-from tasks.throughput.timing import machine, summary
+from tasks.throughput.lm_eval_ppl import comparison_rows, hf_tokenizer, write_lm_eval_task
 
 if TYPE_CHECKING:
     from harness.api import CausalLM
@@ -56,21 +55,11 @@ def ppl_processes_vs_lm_eval(task: Throughput, model: CausalLM, reference: Causa
                 if i:
                     seconds[side].append(took)
     subtask = f"ppl process wikitext-2 test docs={cfg.lm_eval_docs} b={cfg.lm_eval_batch_size}"
-    ours, theirs = (summary([tokens / s for s in seconds[k]]) for k in ("ours", "lm_eval"))
-    ratio = summary([t / o for o, t in zip(seconds["ours"], seconds["lm_eval"])])
     check = {"tokens": tokens, "word_perplexity_ours": outputs["ours"], "word_perplexity_lm_eval": outputs["lm_eval"],
              "clock": cfg.clock, "unit": "tokens/s of the whole process (start-up and loading included)"}
-    mine = [task.metric("ppl_process_tokens_per_s", ours["median"], subtask=subtask, n=len(seconds["ours"]), extra={
-                **check, "command": " ".join(commands["ours"].shown), "samples_s": seconds["ours"],
-                "ratio_vs_reference": ratio["median"], **machine()}),
-            task.ratio_row("ppl_process_tokens_per_s_ratio", subtask, ratio, reference, ours["median"],
-                           theirs["median"])]
-    rows_theirs = [task.metric("ppl_process_tokens_per_s", theirs["median"], subtask=subtask,
-                               n=len(seconds["lm_eval"]), extra={
-        **check, "command": " ".join(commands["lm_eval"].shown), "samples_s": seconds["lm_eval"],
-        "measured_beside": model.name, **machine()})]
-    return mine, rows_theirs
-
+    extra = {side: {"command": " ".join(commands[side].shown), "samples_s": seconds[side]} for side in seconds}
+    return comparison_rows(task, "ppl_process_tokens_per_s", subtask, seconds, check, extra, model, reference,
+                           counted=True)
 
 class Command:
     """One side's argv, how the rows show it (temporary paths named by role), and how to read the
