@@ -26,6 +26,7 @@ class ThroughputConfig:
     warmup: int = 1  # untimed calls per measurement and model; the first one also measures memory
     repeats: int = 5  # timed samples per measurement and model
     min_sample_s: float = 0.05  # a sample repeats the call until it lasts this long (tiny models)
+    bounds: bool = True  # prefill: also time its GEMMs and attention alone (rows mfu_bound, mfu_bound_fraction)
     matmul_size: int = 2048  # n of the n x n matmuls that measure the peak FLOP/s
     threads: int = 0  # torch.set_num_threads while the task runs; 0 keeps the current setting
     clock: Literal["wall", "cpu"] = "wall"  # cpu: process CPU seconds (CPU runs on a shared machine, threads=1)

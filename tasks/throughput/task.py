@@ -16,6 +16,9 @@ interleaved A B M, M B A, ... (a machine that speeds up or slows down mid-run bi
   bf16 matmul where the hardware has native bf16;
 - `mfu`: median model FLOP/s over the best fp32 matmul timed beside it, with the per-token FLOPs of
   Kaplan et al. 2020 (see `flops`);
+- `mfu_bound` (prefill, `throughput.bounds`): the same FLOPs over the time of the forward's GEMMs and
+  attention alone (`calls.kernels_call`, timed beside it): the MFU if nothing else took time, so what
+  85% of the peak asks of this machine's kernels; `mfu_bound_fraction` = kernels' time / forward's;
 - with `throughput.lm_eval=true`: tokens/s of the `ppl` task against lm-eval's HF backend (`lm_eval_ppl`);
   with `throughput.lm_eval_process=true`: the same as two whole processes, `harness run` against the
   `lm_eval` CLI, start-up and loading included (`ppl_process`).
@@ -41,7 +44,7 @@ import pandas as pd
 import torch
 
 from harness.api import TASKS, Capability, CausalLM, HarnessError, Metric, MetricSpec, ModelAdapter, RunContext, Task
-from tasks.throughput.calls import Measurement, plan, weight_bytes, weights_read_call
+from tasks.throughput.calls import Measurement, kernels_call, plan, weight_bytes, weights_read_call
 from tasks.throughput.config import NAME, TOKENS_PER_S, ThroughputConfig
 from tasks.throughput.flops import bf16_supported, matmul_call, matmul_flops
 from tasks.throughput.lm_eval_ppl import has_lm_eval, ppl_vs_lm_eval
@@ -51,6 +54,7 @@ from tasks.throughput.timing import Samples, Timer, machine, summary
 
 MATMUL = "matmul fp32"  # the peak benchmark's name among the timed calls
 WEIGHTS_READ = "weights read"  # batch-1 decode's roofline call (`calls.weights_read_call`)
+KERNELS = "gemms + attention"  # a prefill's matmuls and SDPA alone (`calls.kernels_call`): the MFU ceiling
 
 SPEED = MetricSpec(higher_is_better=True, pair_rtol=math.inf, gate_rtol=math.inf)  # machine-bound: never gated
 RATIO = MetricSpec(higher_is_better=True, pair_rtol=math.inf, gate_rtol=0.25)
@@ -70,6 +74,7 @@ class Throughput(Task):
         "mfu": SPEED, "matmul_peak_flops": SPEED, "decode_roofline": SPEED,
         "decode_roofline_fraction": SPEED, "memory_bandwidth_bytes_per_s": SPEED,
         "peak_memory_mb": MEMORY, "peak_memory_mb_ratio": MEMORY,
+        "mfu_bound": SPEED, "mfu_bound_fraction": SPEED,
     }
 
     def __init__(self, config: ThroughputConfig) -> None:
@@ -112,9 +117,11 @@ class Throughput(Task):
             peak_samples += peak
             yield from self.rows(m, model, samples, peak, reference)
             yield from self.roofline_rows(m, model, samples)
+            yield from self.bound_rows(m, model, samples, peak)
             if reference is not None:
                 shared += self.rows(m, reference, samples, peak, None, beside=model.name)
                 shared += self.roofline_rows(m, reference, samples, beside=model.name, read_from=model)
+                shared += self.bound_rows(m, reference, samples, peak, beside=model.name)
         if reference is not None and self.config.lm_eval:  # a scratch model: ppl against lm-eval's HF backend
             ours, theirs = ppl_vs_lm_eval(self, model, reference, ctx.seed)
             yield from ours
@@ -146,6 +153,9 @@ class Throughput(Task):
         builds[MATMUL] = partial(matmul_call, torch.float32, cfg.matmul_size, device)
         if _batch_one_decode(m):
             builds[WEIGHTS_READ] = partial(weights_read_call, contestants[0])
+        if m.kind == "prefill" and cfg.bounds:
+            builds[KERNELS] = partial(kernels_call, contestants[0].require(CausalLM, task=self.name),
+                                      m.extra["batch_size"], m.extra["seq_len"], 0)
         return self.timer(device).interleaved(builds)
 
     def timer(self, device: torch.device) -> Timer:
@@ -196,6 +206,29 @@ class Throughput(Task):
                         extra={**extra, "decode_tokens_per_s": decode["median"],
                                **{k: fraction[k] for k in ("q1", "q3", "min", "max")},
                                "unit": "decode tokens/s / roofline tokens/s (the prompt's prefill included)"}),
+        ]
+
+    def bound_rows(self, m: Measurement, model: ModelAdapter, samples: dict[str, Samples], peak: list[float],
+                   beside: str | None = None) -> list[Metric]:
+        """Prefill against what its GEMMs and attention allow (`calls.kernels_call`, timed beside it on
+        the scratch model's weights, which a reference shares): `mfu_bound`, the MFU a forward would
+        reach if everything else took no time; `mfu_bound_fraction`, the kernels' time over the
+        forward's per back-to-back sample (= mfu / mfu_bound, free of the peak's noise)."""
+        if KERNELS not in samples:
+            return []
+        kernels, ours = samples[KERNELS].seconds, samples[model.name].seconds
+        flops = m.flops_per_token(model)
+        bound = summary([m.tokens / s * flops / max(peak) for s in kernels])
+        fraction = summary([k / s for k, s in zip(kernels, ours)])
+        extra = {"flops_per_token": flops, "fp32_peak_flops": max(peak), "measured_beside": beside,
+                 "measured_by": "every matmul weight (head padded to 64) and n_layer causal SDPA calls, alone",
+                 "samples_s": kernels, **machine()}
+        return [
+            self.metric("mfu_bound", bound["median"], subtask=m.subtask, n=len(kernels),
+                        extra={**extra, "unit": "fraction of fp32 peak", **{k: bound[k] for k in ("q1", "q3")}}),
+            self.metric("mfu_bound_fraction", fraction["median"], subtask=m.subtask, n=len(kernels),
+                        extra={**extra, "unit": "GEMM + attention seconds / forward seconds",
+                               **{k: fraction[k] for k in ("q1", "q3", "min", "max")}}),
         ]
 
     def mfu_row(self, m: Measurement, flops: float, ours: Samples, peak: list[float], extra: dict) -> Metric:

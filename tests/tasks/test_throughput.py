@@ -86,6 +86,35 @@ def test_mfu_and_peaks_are_plausible(pair_run):
     assert all(r.extra["threads"] == 1 for r in rows if "threads" in r.extra)
 
 
+def test_prefill_has_its_kernel_bound(pair_run):
+    _, rows = pair_run
+    for model in ("gpt2-scratch", "gpt2-hf"):
+        by = _by(rows, model)
+        prefills = {s for s, m in by if m == "prefill_tokens_per_s"}
+        assert {s for s, m in by if m == "mfu_bound"} == prefills == {s for s, m in by if m == "mfu_bound_fraction"}
+        for subtask in prefills:
+            bound, fraction, mfu = (by[subtask, k] for k in ("mfu_bound", "mfu_bound_fraction", "mfu"))
+            assert bound.value > 0 and fraction.value > 0 and len(bound.extra["samples_s"]) == 2
+            # the fraction is per back-to-back sample, the mfu and bound medians: equal up to pairing
+            assert fraction.extra["min"] * 0.999 <= mfu.value / bound.value <= fraction.extra["max"] * 1.001
+    assert not any(r.metric.startswith("mfu_bound") for r in rows if not r.subtask.startswith("prefill"))
+
+
+def test_kernels_call_runs_each_matmul_and_the_attention(monkeypatch):
+    from harness.generate import load_model
+    from tasks.throughput import calls
+
+    model = load_model("gpt2-scratch", "random:tiny")
+    seen = []
+    monkeypatch.setattr(calls.F, "linear", lambda x, w: seen.append((tuple(x.shape), tuple(w.shape))))
+    monkeypatch.setattr(calls.F, "scaled_dot_product_attention", lambda q, k, v, is_causal: seen.append(q.shape))
+    calls.kernels_call(model, 2, 8, seed=0)()
+    cfg = model.module.config
+    d, vocab = cfg.n_embd, cfg.vocab_size + (-cfg.vocab_size % 64)
+    block = [((16, d), (3 * d, d)), ((16, d), (d, d)), ((16, d), (4 * d, d)), ((16, 4 * d), (d, 4 * d))]
+    assert seen == block * cfg.n_layer + [((16, d), (vocab, d))] + [(2, cfg.n_head, 8, d // cfg.n_head)] * cfg.n_layer
+
+
 def test_memory_rows(pair_run):
     _, rows = pair_run
     memory = {r.subtask: r.value for r in rows if r.metric == "peak_memory_mb" and r.model == "gpt2-scratch"}
