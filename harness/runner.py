@@ -86,7 +86,7 @@ class ModelPool:
             torch.manual_seed(self.plan.seed)  # heads absent from a checkpoint get a seeded init
             model = spec.build(self.weights(spec), self.plan.device)
             if self.plan.compile and model.info.reference and isinstance(model.module, torch.nn.Module):
-                model.module.compile()  # in place (same parameters and state_dict names); references stay eager
+                model.compile()  # in place (same parameters and state_dict names); references stay eager
             self._models[name] = model
         return self._models[name]
 

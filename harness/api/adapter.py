@@ -127,6 +127,11 @@ class ModelAdapter(ABC):
     def reference_layout(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return tensors
 
+    def compile(self) -> None:
+        """`harness run --compile`: torch.compile the module in place (same parameters and state_dict
+        names). Adapters with other hot paths (the scratch models' decode copy) compile those too."""
+        self.module.compile()
+
 
 def _capability(need: type | Capability) -> Capability:
     return need if isinstance(need, Capability) else need.capability

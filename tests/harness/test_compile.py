@@ -41,3 +41,37 @@ def test_a_compiled_scratch_model_keeps_parity_with_its_eager_reference(tmp_path
     assert all(r["config"]["compile"] for r in rows)
     assert scratch["max_abs_logit_diff"]["value"] <= 1e-5
     assert scratch["greedy_tokens_equal"]["value"] == 1.0
+
+
+def test_compile_also_compiles_the_decode_copys_step(monkeypatch):
+    """The adapter compiles its module in place and, for batch decoding, the input-major copy's step
+    (what GPT-2's generate calls per token: hidden_states); recorded here, not built."""
+    import torch
+
+    from harness.generate import load_model
+
+    model = load_model("gpt2-scratch", "random:tiny")
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: calls.append((type(self).__name__, kw)))
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append((fn.__name__, kw)) or fn)
+    model.compile()
+    assert calls == [("GPT2", {})]
+    idx = torch.arange(4)[None, :]
+    eager = model.module.generate(idx, 3, temperature=0.0)
+    assert torch.equal(model.generate_batch(idx, 3), eager)
+    assert calls[1:] == [("GPT2", {"dynamic": True}), ("hidden_states", {"dynamic": True})]
+
+
+@pytest.mark.slow
+def test_the_compiled_decode_step_decodes_the_eager_tokens():
+    """~1 min on 2 CPU cores: inductor builds the tiny GPT-2's prompt and single-token graphs."""
+    import torch
+
+    from harness.generate import load_model
+
+    model = load_model("gpt2-scratch", "random:tiny")
+    idx = torch.randint(0, 1000, (2, 5), generator=torch.Generator().manual_seed(0))
+    eager = model.generate_batch(idx, 20)
+    model.compile()
+    assert torch.equal(model.generate_batch(idx, 20), eager)
+    assert torch.equal(model.generate_batch(idx[:1], 20), eager[:1])  # another batch size: a recompile, same tokens
