@@ -77,8 +77,9 @@ def _add_run(sub) -> None:
                    help="override a task config field, repeatable (e.g. --set ppl.stride=512)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the models that have a reference (scratch and your own; references stay eager); "
-                        "rows carry config compile=true. The first call of each new shape compiles (~40 s on 2 CPU "
-                        "cores); on CPU it did not pay off here (docs/throughput.md)")
+                        "rows carry config compile=true; the scratch models' batch decode step is compiled too. The "
+                        "first call of each new shape compiles (~40 s on 2 CPU cores, ~90 s for a 124M decode); on "
+                        "CPU it pays off for batch-1 decode only (124M: 1.09x), not prefill (docs/throughput.md)")
     p.add_argument("--resume", action="store_true",
                    help="continue the newest run in --results-dir after a kill or Ctrl-C: the same command plus "
                         "--resume redoes only the (model, task, subtask) units it had not finished; refused when "

@@ -191,6 +191,10 @@ def test_report_section_writes_a_ratio_table_and_a_plot(pair_run, tmp_path):
     assert "| gpt2-scratch | gpt2-hf | `random:tiny` | prefill b=1 t=8 | prefill tokens/s |" in md
     assert "| decode b=2 prompt=4 new=4 | decode tokens/s |" in md and "| train tokens/s |" in md
     assert "peak memory MB (lower is better)" in md and "| train b=2 t=16 |" in md  # the MFU table
+    prefill = next(line for line in md.splitlines() if line.startswith("| prefill b=1 t=8 |") and "%" in line)
+    assert prefill.count("(GEMMs + attention alone: ") == 2  # both models' MFU beside their ceiling
+    train = next(line for line in md.splitlines() if line.startswith("| train b=2 t=16 |") and "%" in line)
+    assert "alone" not in train  # no bound measured for training
     assert (tmp_path / "figures" / "throughput_prefill.png").stat().st_size > 0
     assert "](figures/throughput_prefill.png)" in md
 
