@@ -259,13 +259,16 @@ class GPT2(nn.Module):
     def from_hf(cls, hf_config, state_dict: Mapping[str, torch.Tensor]) -> GPT2:
         """A model holding a HF `GPT2LMHeadModel` (or hub `GPT2Model`) checkpoint; a
         CheckpointMismatchError names the tensors that do not fit `hf_config`."""
-        model = cls(GPT2Config.from_hf(hf_config))
+        with torch.device("meta"):  # no random init (2.8 s at 124M): every tensor is loaded below
+            model = cls(GPT2Config.from_hf(hf_config))
         sd = _normalise_hf_keys(state_dict)
         check_state_dict(_hf_shapes(model), sd, source="HF GPT-2 checkpoint")
         head, wte = sd["lm_head.weight"], sd["transformer.wte.weight"]
         if head is not wte and not torch.equal(head, wte):
             raise CheckpointMismatchError("HF GPT-2 checkpoint has an lm_head.weight that is not tied to wte")
-        model.load_state_dict(_transpose_conv1d(sd))
+        sd = {k: v if k.endswith(CONV1D_WEIGHTS) else v.clone() for k, v in _transpose_conv1d(sd).items()}
+        model.load_state_dict(sd, assign=True)  # our own copies (the Conv1D transposes are new already)
+        model.lm_head.weight = model.transformer.wte.weight  # assign gave the head its own tensor: tie again
         return model
 
     def to_hf_state_dict(self, tensors: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:

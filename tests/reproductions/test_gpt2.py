@@ -98,6 +98,23 @@ def test_state_dict_round_trip(tiny_pair):
         torch.testing.assert_close(back[k], hf_sd[k], atol=0, rtol=0, msg=k)
 
 
+def test_from_hf_owns_its_tensors_and_keeps_the_head_tied(tiny_pair):
+    """from_hf builds on the meta device and assigns the loaded tensors: none may stay on meta, none may
+    be the caller's (training the copy must not change the checkpoint), and the head must stay wte."""
+    hf = tiny_pair[1]
+    hf_sd = hf.state_dict()
+    model = GPT2.from_hf(hf.config, hf_sd)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert len(list(model.parameters())) == len(list(hf.parameters()))  # the tied pair counted once
+    params = dict(model.named_parameters())
+    assert all(not p.is_meta and p.requires_grad for p in params.values())
+    theirs = {t.data_ptr() for t in hf_sd.values()}
+    assert not theirs & {p.data_ptr() for p in params.values()}
+    with torch.no_grad():
+        params["transformer.wte.weight"].add_(1.0)
+    assert not torch.equal(hf.transformer.wte.weight, model.transformer.wte.weight)
+
+
 def test_hub_style_checkpoint_loads(tiny_pair):
     """OpenAI hub files omit the `transformer.` prefix and lm_head, and may carry mask buffers."""
     ours, hf = tiny_pair
