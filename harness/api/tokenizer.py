@@ -8,7 +8,6 @@ library (no hub access): "Hello world" -> [15496, 995].
 from __future__ import annotations
 
 import importlib.util
-
 import json
 from dataclasses import dataclass
 from functools import lru_cache
