@@ -24,6 +24,12 @@ MIN_ROWS = 256  # fewest positions for which a prefill takes the aligned head (b
 S, D = TypeVar("S"), TypeVar("D")
 
 
+def padded_rows(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` (vocab, C) with zero rows up to a multiple of VOCAB_MULTIPLE (itself when it is one)."""
+    pad = -weight.shape[0] % VOCAB_MULTIPLE
+    return torch.cat([weight, weight.new_zeros(pad, weight.shape[1])]) if pad else weight
+
+
 def aligned_head(head: nn.Linear) -> nn.Linear:
     """`head` padded to a multiple of VOCAB_MULTIPLE outputs (the head itself when it is one already):
     a copy, never trained, the module's own head untouched."""
@@ -33,7 +39,7 @@ def aligned_head(head: nn.Linear) -> nn.Linear:
         return head
     like = {"device": head.weight.device, "dtype": head.weight.dtype}
     with torch.no_grad():
-        weight = torch.cat([head.weight, torch.zeros(pad, width, **like)])
+        weight = padded_rows(head.weight)
         bias = torch.cat([torch.zeros(vocab, **like) if head.bias is None else head.bias,
                           torch.full((pad,), float("-inf"), **like)])
     out = nn.Linear(width, vocab + pad, device="meta")  # no init: both tensors are set below

@@ -147,6 +147,11 @@ def input_major_copy(module: nn.Module, compiled: bool = False) -> nn.Module:
     return compile_decode(fast.eval()) if compiled else fast.eval()
 
 
+def decode_copy_cache(compiled: bool = False) -> DerivedCache[nn.Module, nn.Module]:
+    """`input_major_copy` of the last module asked for, rebuilt after in-place updates and optimiser steps."""
+    return DerivedCache(partial(input_major_copy, compiled=compiled), lambda module: module.parameters())
+
+
 def compile_decode(module: nn.Module) -> nn.Module:
     """torch.compile what a reproduction's `generate` runs per token, with dynamic shapes (the KV cache
     grows by one position a step; one graph for the prompt, one for the steps): the module's call
@@ -257,13 +262,12 @@ class ScratchCausalLM(HeadSplit, DecoderClassification, ModelAdapter):
         if not isinstance(getattr(module, "lm_head", None), nn.Module):  # e.g. GPT-1 multiplies by W_e^T
             self.capabilities = self.capabilities - {Capability.CLASSIFY}
         self._aligned_heads = aligned_head_cache()
-        # in-place updates and optimiser steps since the copy rebuild it
-        self._decode_copies = DerivedCache(input_major_copy, lambda module: module.parameters())
+        self._decode_copies = decode_copy_cache()
 
     def compile(self) -> None:
         """The module in place (prefill, training, parity) and the decode copy's step (`compile_decode`)."""
         super().compile()
-        self._decode_copies = DerivedCache(partial(input_major_copy, compiled=True), lambda module: module.parameters())
+        self._decode_copies = decode_copy_cache(compiled=True)
 
     @property
     def max_length(self) -> int:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.api import Capability
-from harness.api.heads import VOCAB_MULTIPLE
+from harness.api.heads import padded_rows
 from tasks.throughput.config import ThroughputConfig
 from tasks.throughput.flops import model_flops_per_token
 from tasks.throughput.timing import Timer
@@ -78,13 +78,14 @@ def fastest_layout(weight: torch.Tensor, probes: int = 3) -> Callable[[], torch.
 def kernels_call(model: CausalLM, batch: int, length: int, seed: int) -> Callable[[], None]:
     """The GEMMs and attention of one prefill forward, alone: `F.linear` of a random (batch x length, in)
     input with every matrix of `decode_weights` (the head's rows padded to a multiple of 64 outputs, as
-    the scratch prefill runs it: `heads.aligned_head`), then `n_layer` causal SDPA calls of
+    the scratch prefill runs it: `heads.padded_rows`), then `n_layer` causal SDPA calls of
     (batch, heads, length, head_dim). Everything else a forward does (norms, GELU, residual adds,
     biases, views, embedding lookups) is left out, so this call's time bounds a forward's from below on
     this machine, and Kaplan FLOPs over it bound MFU from above (`mfu_bound`)."""
     cfg, device = model.weights.hf_config, model.device
     g = torch.Generator().manual_seed(seed)
-    weights = [_rows_aligned(w.detach(), cfg.vocab_size) for w in decode_weights(model.module)]
+    weights = [padded_rows(w.detach()) if w.shape[0] == cfg.vocab_size else w.detach()
+               for w in decode_weights(model.module)]
     inputs = {n: torch.randn(batch * length, n, generator=g).to(device) for n in {w.shape[1] for w in weights}}
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
@@ -97,12 +98,6 @@ def kernels_call(model: CausalLM, batch: int, length: int, seed: int) -> Callabl
             F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
     return torch.no_grad()(call)
-
-
-def _rows_aligned(weight: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """The (vocab, C) head with zero rows up to a multiple of VOCAB_MULTIPLE; other weights as they are."""
-    pad = -weight.shape[0] % VOCAB_MULTIPLE if weight.shape[0] == vocab_size else 0
-    return torch.cat([weight, weight.new_zeros(pad, weight.shape[1])]) if pad else weight
 
 
 def weight_bytes(model: CausalLM) -> int:

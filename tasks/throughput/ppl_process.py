@@ -61,6 +61,7 @@ def ppl_processes_vs_lm_eval(task: Throughput, model: CausalLM, reference: Causa
     return comparison_rows(task, "ppl_process_tokens_per_s", subtask, seconds, check, extra, model, reference,
                            counted=True)
 
+
 class Command:
     """One side's argv, how the rows show it (temporary paths named by role), and how to read the
     word perplexity it wrote."""
